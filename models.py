@@ -1,0 +1,127 @@
+"""timm backbones by name, their initialisation (ImageNet, random or a local weight file), and
+weight files in safetensors that timm itself can load:
+
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
+"""
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from common import UserError, atomic_save_safetensors
+
+
+def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,
+                    **kwargs) -> nn.Module:
+    """A timm model `name` with a `num_classes` head (0: pooled features only).
+
+    init: 'imagenet' (timm's default pretrained tag, through the Hugging Face hub or its cache),
+    'random', or the path of a local weight file (safetensors or a state dict)."""
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        raise UserError(f"unknown timm model '{name}' (see timm.list_models())")
+    kwargs = dict(kwargs, num_classes=num_classes)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if init == "imagenet":
+        try:
+            return _create(name, True, kwargs)
+        except (OSError, RuntimeError, ValueError) as e:  # offline: LocalEntryNotFoundError is an OSError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--init imagenet: could not get ImageNet weights for {name} ({first[:160]}); "
+                            "use --init random or --init PATH to a local weight file") from None
+    model = _create(name, False, kwargs)
+    if init != "random":
+        load_weights(model, init, flag="--init")
+    return model
+
+
+def _create(name, pretrained, kwargs):
+    """timm.create_model; CNNs take no img_size, so it is dropped for models that refuse it."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "img_size" not in kwargs or "img_size" not in str(e):
+            raise
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def head_prefixes(model: nn.Module):
+    """Key prefixes of the classification head (allowed to be re-initialised)."""
+    cls = model.pretrained_cfg.get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+    cls = cls if isinstance(cls, (list, tuple)) else [cls]
+    return tuple(c + "." for c in cls)
+
+
+def read_state_dict(path) -> dict:
+    """Tensors of a weight file: .safetensors, or a torch state dict loaded with weights_only=True
+    (nested under 'state_dict', 'model', 'teacher' or 'student' is accepted; 'module.' and
+    'backbone.' prefixes are stripped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weight file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable weight file ({type(e).__name__}: {str(e)[:120]})") from None
+    for key in ("state_dict", "model", "teacher", "student"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path} is not a weight file (expected a dict of tensors)")
+    for prefix in ("module.", "backbone."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path, flag="--weights", allow_new_head=True) -> list:
+    """Load a weight file into `model`, checking that it fits: every backbone tensor must be present
+    with the same shape. Only the classification head may be missing or of another shape (a new
+    number of classes); it then keeps its fresh initialisation. Returns the re-initialised keys."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    heads = head_prefixes(model) if allow_new_head else ()
+    is_head = lambda k: k.startswith(heads)  # noqa: E731
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        sd["pos_embed"] = _resample_pos_embed(model, sd["pos_embed"])
+    missing = [k for k in own if k not in sd and not is_head(k)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape and not is_head(k)]
+    if missing or unexpected or shapes:
+        what = []
+        if missing:
+            what.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            what.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        if shapes:
+            what.append(f"{len(shapes)} of another shape (first: {shapes[0]})")
+        name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+        raise UserError(f"{flag} {path} does not fit {name}: " + "; ".join(what))
+    fresh = [k for k in own if is_head(k) and (k not in sd or sd[k].shape != own[k].shape)]
+    model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
+    return fresh
+
+
+def _resample_pos_embed(model, pos_embed):
+    from timm.layers import resample_abs_pos_embed
+    n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    grid = model.patch_embed.grid_size
+    return resample_abs_pos_embed(pos_embed, list(grid), num_prefix_tokens=n_prefix)
+
+
+def save_weights(model: nn.Module, path):
+    """Atomically save the state dict as safetensors (never a pickled module)."""
+    model = getattr(model, "module", model)
+    atomic_save_safetensors(path, model.state_dict())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
