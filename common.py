@@ -135,6 +135,7 @@ def prepare_out_dir(out, config: dict, force: bool, ignore=("workers", "device",
     A folder that already holds a config with other settings is refused unless --force,
     so a resume never mixes two different runs."""
     out = Path(out)
+    config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
     cfg_path = out / "config.json"
     if cfg_path.exists() and not force:
         try:

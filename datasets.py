@@ -9,6 +9,7 @@ tensors through a torchvision transform; `cass_augment` and `eval_transform` are
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,8 +338,10 @@ def load_synthetic(cache_dir, multilabel) -> ImageTable:
     return ImageTable(name, ids, labels, meta["class_names"], multilabel, array=images, root=str(folder))
 
 
-def load_table(name: str, root=None, cache_dir="~/.cache/cass") -> ImageTable:
-    """The data set called `name` (see DATA_NAMES), read from `root`."""
+def load_table(name: str, root=None, cache_dir=None) -> ImageTable:
+    """The data set called `name` (see DATA_NAMES), read from `root`; generated data lives in
+    `cache_dir` (default: $CASS_CACHE or ~/.cache/cass)."""
+    cache_dir = cache_dir or os.environ.get("CASS_CACHE") or "~/.cache/cass"
     loaders = {
         "synthetic": lambda: load_synthetic(cache_dir, False),
         "synthetic-multilabel": lambda: load_synthetic(cache_dir, True),
@@ -503,3 +506,70 @@ def load_data(args, parts=("train", "val", "test")):
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
+
+
+# ---------------------------------------------------------------- DINO multi-crop (the baseline)
+
+import random  # noqa: E402  (kept with the section that uses it)
+
+from PIL import ImageFilter, ImageOps  # noqa: E402
+
+
+class PILGaussianBlur:
+    """Official DINO's blur: with probability p, a PIL Gaussian blur of radius uniform in [0.1, 2] px."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if random.random() > self.p:  # official: `do_it = random.random() <= p`
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class PILSolarize:
+    """Official DINO's solarisation: with probability p, invert the pixels of value >= 128."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class DinoMultiCrop:
+    """The multi-crop augmentation of official DINO (facebookresearch/dino, DataAugmentationDINO).
+
+    Returns a list of 2 + n_local tensors: two global crops of `global_size` px (RandomResizedCrop,
+    scale `global_scale`, bicubic), then `n_local` local crops of `local_size` px (scale
+    `local_scale`). Every crop: horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
+    grayscale p=0.2. Gaussian blur p=1.0 on global crop 1; blur p=0.1 and solarise p=0.2 on global
+    crop 2; blur p=0.5 on the local crops. Then ToTensor and normalisation (ImageNet by default)."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        for name, (lo, hi) in (("global", global_scale), ("local", local_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise UserError(f"--{name}-scale {lo} {hi}: expected 0 < min <= max <= 1")
+        if global_size < 1 or local_size < 1 or n_local < 0:
+            raise UserError("crop sizes must be positive and the number of local crops >= 0")
+        bicubic = T.InterpolationMode.BICUBIC
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.global1 = T.Compose([
+            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
+            flip_and_color_jitter, PILGaussianBlur(1.0), normalize])
+        self.global2 = T.Compose([
+            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
+            flip_and_color_jitter, PILGaussianBlur(0.1), PILSolarize(0.2), normalize])
+        self.local = T.Compose([
+            T.RandomResizedCrop(local_size, scale=tuple(local_scale), interpolation=bicubic),
+            flip_and_color_jitter, PILGaussianBlur(0.5), normalize])
+        self.n_local = n_local
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]

@@ -105,3 +105,76 @@ class FocalLoss(nn.Module):
         if self.weight is not None:
             loss = loss * self.weight[target.long()]
         return loss.mean()
+
+
+# ---------------------------------------------------------------- DINO (Caron et al., 2021), the baseline
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
+                          epochs: int) -> np.ndarray:
+    """Teacher temperature of each epoch, as official DINO: np.linspace(warmup_teacher_temp,
+    teacher_temp, warmup_epochs) over the first warmup_epochs epochs, then teacher_temp.
+    A warm-up longer than the run is cut off at the last epoch (official DINO would fail)."""
+    warm = np.linspace(warmup_teacher_temp, teacher_temp, max(warmup_epochs, 0))
+    rest = np.full(max(epochs - max(warmup_epochs, 0), 0), teacher_temp)
+    return np.concatenate([warm, rest])[:epochs]
+
+
+class DINOLoss(nn.Module):
+    """The DINO objective (official facebookresearch/dino `DINOLoss`).
+
+    student_output: (n_crops * B, K) logits, crop-major (the B rows of crop 0, then of crop 1, ...);
+    teacher_output: (2 * B, K) logits of the two global crops, in the same order as the student's
+    first two crops. For each teacher crop i and student crop v != i the loss is the cross-entropy
+    -sum softmax((t_i - C) / T_t) * log_softmax(s_v / T_s), averaged over the batch; the result is
+    the mean over those pairs. After the loss the centre C (a buffer, kept in the state dict) moves
+    towards the teacher's batch mean with momentum `center_momentum`. The teacher temperature T_t
+    follows `teacher_temp_schedule`, indexed by epoch."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 0, nepochs: int = 100, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        if ncrops < 2:
+            raise ValueError("DINO needs at least the two global crops")
+        self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
+                                                           warmup_teacher_temp_epochs, nepochs)
+
+    def teacher_temp(self, epoch: int) -> float:
+        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+
+    def forward(self, student_output, teacher_output, epoch: int, return_stats: bool = False):
+        """The loss (and, with return_stats, a dict of 0-dim tensors, no host sync):
+        teacher_entropy: mean entropy (nats) of the teacher's sharpened distributions; ln K means
+          a uniform output (collapse to uniform), 0 a one-hot output (collapse to one dimension);
+        teacher_kl_to_mean: mean KL(p_i || mean_j p_j) over the teacher's rows, i.e. how much the
+          output depends on the image; 0 means every image gets the same distribution (collapse);
+        student_kl: the loss minus teacher_entropy, the mean KL(teacher || student) over pairs."""
+        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
+        t = teacher_output.float().detach()
+        q_all = F.softmax((t - self.center) / self.teacher_temp(epoch), dim=-1)
+        teacher_out = q_all.chunk(2)
+        log_p = [F.log_softmax(s, dim=-1) for s in student_out]
+        total, n_terms = 0.0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:  # the same view on both sides: skipped
+                    continue
+                total = total + torch.sum(-q * log_p[v], dim=-1).mean()
+                n_terms += 1
+        loss = total / n_terms
+        stats = None
+        if return_stats:
+            with torch.no_grad():
+                ent = torch.special.entr(q_all).sum(-1).mean()
+                ent_mean = torch.special.entr(q_all.mean(0)).sum()
+                stats = {"teacher_entropy": ent, "teacher_kl_to_mean": ent_mean - ent,
+                         "student_kl": loss.detach() - ent}
+        self.update_center(t)
+        return (loss, stats) if return_stats else loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = teacher_output.float().sum(0, keepdim=True) / len(teacher_output)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

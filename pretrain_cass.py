@@ -1,0 +1,217 @@
+"""CASS pretraining: a CNN and a Transformer learn from each other without labels.
+
+One augmented view of each training image goes through both arms; the loss is Equation 1 of the
+paper, 2 - 2 cos(R, T), on their logits, and one backward pass updates both arms. Defaults are the
+paper's recipe (Appendix C.5): ResNet-50 + ViT-B/16 at 384 px from ImageNet, batch 16, Adam 1e-3
+for both arms, cosine annealing over 16 iterations down to 1e-6, SWA, 100 epochs.
+
+    python pretrain_cass.py --data dermofit --data-root /data/dermofit --bs 16
+    python pretrain_cass.py --data synthetic --cnn resnet18 --vit vit_tiny_patch16_224 \
+        --img-size 64 --init random --epochs 5     # minutes on a laptop CPU
+
+Rerunning the same command resumes from the last finished epoch in the output folder.
+"""
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
+from tqdm import tqdm
+
+from common import (CsvLog, UserError, add_common_args, autocast, load_checkpoint, pick_device,
+                    prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything)
+from datasets import ImageDataset, cass_augment, load_data, make_loader
+from losses import CASSLoss
+from models import count_params, create_backbone, save_weights
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, bs=16, epochs=100, img_size=384, init="imagenet")
+    g = p.add_argument_group("CASS")
+    g.add_argument("--cnn", default="resnet50", help="timm name of arm 1 (a CNN in the paper; any timm "
+                   "model works, e.g. densenet161 or swin_base_patch4_window12_384 for Tables 18-19)")
+    g.add_argument("--vit", default="vit_base_patch16_384", help="timm name of arm 2 (a Transformer; "
+                   "vit_large_patch16_384, deit_base_patch16_384 or densenet161 for the ablations)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both arms (paper: 1e-3)")
+    g.add_argument("--cnn-opt", choices=("adam", "sgd"), default="adam",
+                   help="optimiser of arm 1; sgd (momentum 0.9, same lr) is the Table 10 ablation, which "
+                        "cost the Transformer about 6 F1 points in the paper")
+    g.add_argument("--t-max", type=int, default=16,
+                   help="cosine annealing half-period in iterations (paper: 16); the rate then rises "
+                        "again, a cosine wave of period 2 * t-max, as torch's CosineAnnealingLR does")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="minimum of the cosine schedule (paper: 1e-6)")
+    g.add_argument("--sched-unit", choices=("step", "epoch"), default="step",
+                   help="what one scheduler iteration is: 'step' (an optimiser step, as the paper's word "
+                        "'iterations' and the authors' code have it) or 'epoch'")
+    g.add_argument("--swa", action=argparse.BooleanOptionalAction, default=True,
+                   help="stochastic weight averaging of both arms (torch.optim.swa_utils), averaged at the "
+                        "end of every epoch from --swa-start on; BatchNorm statistics recomputed after")
+    g.add_argument("--swa-start", type=float, default=0.75,
+                   help="fraction of the epochs after which averaging starts (the paper does not say; "
+                        "0.75 follows the SWA paper's practice of averaging the last quarter)")
+    g.add_argument("--head-act", choices=("none", "softmax", "sigmoid"), default="none",
+                   help="activation applied to the logits before the loss (Table 11); the paper uses none")
+    g.add_argument("--extra-aug", default="",
+                   help="comma-separated extra augmentations for the Table 9 ablation: blur, solarize")
+    g.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="disable the collapse guard of Algorithm 1 (noise added when both arms' outputs "
+                        "are identical; it never fires otherwise)")
+    g.add_argument("--compile", action="store_true", help="torch.compile both arms (CUDA; slow first epoch)")
+    g.add_argument("--limit-train", type=int, default=0,
+                   help="use only the first N training images (smoke tests and quick looks)")
+    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    args = p.parse_args(argv)
+    args.extra_aug = tuple(a for a in args.extra_aug.split(",") if a)
+    if args.out is None:
+        args.out = f"runs/cass/{args.data}-{args.cnn}-{args.vit}-bs{args.bs}-ep{args.epochs}-seed{args.seed}"
+    return args
+
+
+def make_optimizer(kind, params, lr, device):
+    fused = device.type == "cuda"
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr, fused=fused)
+
+
+def has_batchnorm(model):
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    out = prepare_out_dir(args.out, config, args.force)
+
+    # ---- data: the training split only (Appendix C.5.1)
+    table, split = load_data(args)
+    rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
+    if args.bs > len(rows):
+        raise UserError(f"--bs {args.bs} is larger than the training set ({len(rows)} images)")
+    train_set = ImageDataset(table, rows, cass_augment(args.img_size, args.extra_aug))
+    drop_last = len(rows) % args.bs == 1  # a batch of one breaks BatchNorm in training mode
+    steps_per_epoch = len(rows) // args.bs + (0 if drop_last or len(rows) % args.bs == 0 else 1)
+
+    # ---- the two arms, their optimisers, schedules and SWA averages
+    seed_everything(args.seed)
+    cnn = create_backbone(args.cnn, args.init, img_size=args.img_size).to(device)
+    vit = create_backbone(args.vit, args.init, img_size=args.img_size).to(device)
+    if device.type == "cuda":
+        cnn = cnn.to(memory_format=torch.channels_last)
+    opt_cnn = make_optimizer(args.cnn_opt, cnn.parameters(), args.lr, device)
+    opt_vit = make_optimizer("adam", vit.parameters(), args.lr, device)
+    sched_cnn = torch.optim.lr_scheduler.CosineAnnealingLR(opt_cnn, T_max=args.t_max, eta_min=args.min_lr)
+    sched_vit = torch.optim.lr_scheduler.CosineAnnealingLR(opt_vit, T_max=args.t_max, eta_min=args.min_lr)
+    swa_cnn, swa_vit = AveragedModel(cnn), AveragedModel(vit)
+    swa_start = min(args.epochs - 1, int(args.swa_start * args.epochs))
+    criterion = CASSLoss(args.head_act, guard=args.guard)
+    fwd_cnn, fwd_vit = (torch.compile(cnn), torch.compile(vit)) if args.compile else (cnn, vit)
+
+    # ---- resume
+    start_epoch = 0
+    ckpt = load_checkpoint(out)
+    if ckpt is not None:
+        for obj, key in ((cnn, "cnn"), (vit, "vit"), (opt_cnn, "opt_cnn"), (opt_vit, "opt_vit"),
+                         (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
+                         (swa_vit, "swa_vit")):
+            obj.load_state_dict(ckpt[key])
+        start_epoch = ckpt["epoch"] + 1
+        print(f"resuming {out} after epoch {start_epoch}")
+    log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+
+    print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M) + {args.vit} ({count_params(vit) / 1e6:.1f}M), "
+          f"{len(rows)} training images of {args.data}, {steps_per_epoch} steps/epoch, "
+          f"{args.epochs} epochs on {device}, output {out}")
+
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        gen = seed_epoch(args.seed, epoch)
+        loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
+                             generator=gen, device=device)
+        cnn.train(), vit.train()
+        t0 = time.perf_counter()
+        stats = torch.zeros(3, device=device)  # loss sum, guard firings, samples
+        moments = {}  # per-arm sums of normalised outputs and their squares (collapse signal)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        for step, (x, _, _) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            with autocast(device):
+                r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+                t = fwd_vit(x)
+            loss, fired = criterion(r, t)
+            opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
+            opt_vit.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_cnn.step(), opt_vit.step()
+            if args.sched_unit == "step":
+                sched_cnn.step(), sched_vit.step()
+            with torch.no_grad():
+                stats[0] += loss.detach() * len(x)
+                stats[1] += fired
+                stats[2] += len(x)
+                for name, z in (("cnn", r), ("vit", t)):
+                    z = torch.nn.functional.normalize(z.float(), dim=-1)
+                    s = moments.setdefault(name, torch.zeros(2, z.shape[1], device=device))
+                    s[0] += z.sum(0)
+                    s[1] += (z * z).sum(0)
+            if step % 20 == 0:  # the only host sync inside the epoch
+                cur = loss.item()
+                if not math.isfinite(cur):
+                    raise UserError(f"loss is {cur} at epoch {epoch + 1} step {step + 1}; stopped, the last "
+                                    f"good checkpoint in {out} is kept (try a lower --lr)")
+                bar.set_postfix(loss=f"{cur:.4f}")
+        if args.sched_unit == "epoch":
+            sched_cnn.step(), sched_vit.step()
+        loss_sum, fired_n, n = stats.tolist()
+        if not math.isfinite(loss_sum):
+            raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in "
+                            f"{out} is kept (try a lower --lr)")
+        if args.swa and epoch >= swa_start:
+            swa_cnn.update_parameters(cnn), swa_vit.update_parameters(vit)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "loss": loss_sum / n, "lr_cnn": opt_cnn.param_groups[0]["lr"],
+               "lr_vit": opt_vit.param_groups[0]["lr"], "seconds": seconds, "img_per_s": n / seconds,
+               "guard_fired": int(fired_n)}
+        for name, s in moments.items():  # mean over dimensions of the per-dimension std; 0 means collapse
+            mean, sq = s[0] / n, s[1] / n
+            row[f"{name}_std"] = (sq - mean * mean).clamp_min(0).sqrt().mean().item()
+        row["uniform_std"] = 1 / math.sqrt(r.shape[1])  # what a non-collapsed output spread looks like
+        log.append(row)
+        save_checkpoint(out, {"epoch": epoch, "cnn": cnn.state_dict(), "vit": vit.state_dict(),
+                              "opt_cnn": opt_cnn.state_dict(), "opt_vit": opt_vit.state_dict(),
+                              "sched_cnn": sched_cnn.state_dict(), "sched_vit": sched_vit.state_dict(),
+                              "swa_cnn": swa_cnn.state_dict(), "swa_vit": swa_vit.state_dict()})
+        tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {row['loss']:.4f} cnn_std {row['cnn_std']:.4f} "
+                   f"vit_std {row['vit_std']:.4f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
+            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
+            return
+
+    # ---- final weights: SWA averages (BatchNorm statistics recomputed) and the last raw weights
+    save_weights(cnn, out / "cnn_last.safetensors")
+    save_weights(vit, out / "vit_last.safetensors")
+    if args.swa:
+        bn_loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
+                                generator=seed_epoch(args.seed, args.epochs), device=device)
+        for swa in (swa_cnn, swa_vit):
+            if has_batchnorm(swa.module):
+                update_bn(bn_loader, swa, device=device)
+        save_weights(swa_cnn.module, out / "cnn.safetensors")
+        save_weights(swa_vit.module, out / "vit.safetensors")
+    else:
+        save_weights(cnn, out / "cnn.safetensors")
+        save_weights(vit, out / "vit.safetensors")
+    total = sum(float(r["seconds"]) for r in log.rows)
+    print(f"done: {args.epochs} epochs, {total:.0f}s of training ({time.perf_counter() - t_run:.0f}s this "
+          f"session); weights {out / 'cnn.safetensors'} and {out / 'vit.safetensors'}, log {out / 'log.csv'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

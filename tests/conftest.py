@@ -1,0 +1,32 @@
+"""Shared test setup: offline, CPU, the project root importable, and one synthetic-data cache per
+test session (generated once, reused by every test and subprocess through CASS_CACHE)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cass_cache(tmp_path_factory):
+    """A per-session cache folder for generated data, exported to subprocesses."""
+    cache = os.environ.get("CASS_TEST_CACHE") or str(tmp_path_factory.mktemp("cass_cache"))
+    os.environ["CASS_CACHE"] = cache
+    return Path(cache)
+
+
+def run_script(script, *args, cwd, check=True, timeout=600):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
