@@ -1,0 +1,566 @@
+"""Fine-tuning and evaluation of one backbone with labels: the paper's downstream stage (Section 4.3,
+Appendix C.6) and the "Supervised" rows of its tables.
+
+The backbone starts from ImageNet (--init imagenet), from scratch (--init random), or from a weight
+file (--weights): an arm of CASS (cnn.safetensors / vit.safetensors of pretrain_cass.py) or a DINO
+backbone (backbone.safetensors). A new classification head is put on top and the whole model is
+trained end to end on --label-frac of the training split (stratified, seeded). Defaults are the
+paper's recipe: Adam 3e-4 with cosine annealing, at most 50 epochs, early stopping on the validation
+loss with patience 5 (best weights restored for the test), focal loss (alpha 1, gamma 2) weighted by
+the min-max normalised class counts, the pretraining augmentations, batch 16, 384 px.
+
+    python finetune.py --data dermofit --data-root /data/dermofit --weights runs/cass/.../cnn.safetensors
+    python finetune.py --data synthetic --arch resnet18 --init random --img-size 64 --label-frac 0.1
+    python finetune.py --data synthetic --arch resnet18 --weights cnn.safetensors --eval knn
+
+--eval knn|linear skip training: frozen pooled features of the labelled training images (evaluation
+transform) are used by a cosine k-nearest-neighbour vote or a logistic-regression probe.
+Multi-label data (told by the data set, not a flag) use a sigmoid focal loss and --threshold.
+
+Metrics are computed with scikit-learn on the whole test set: macro/micro/weighted F1, balanced
+accuracy (macro recall, ISIC 2019's metric), accuracy, per-class precision/recall/F1, confusion
+matrix and one-vs-rest AUROC. The output folder holds config.json, labelled_ids.json, log.csv,
+predictions.csv, confusion_matrix.png, best.safetensors and, written last, metrics.json (test
+metrics at the top level; best_epoch counts from 0 like the epoch column of log.csv).
+Rerunning the same command resumes an interrupted run from checkpoint.pt; a finished one is left alone.
+"""
+
+import argparse
+import csv
+import math
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+from common import UserError
+from datasets import ImageDataset, _strata, cass_augment, eval_transform, load_data, make_loader
+from losses import FocalLoss, class_weights
+from models import count_params, create_backbone, head_prefixes, load_weights, save_weights
+
+# Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
+# organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
+HEADLINE = {"isic2019": "balanced_accuracy"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, bs=16, epochs=50, img_size=384, init="imagenet")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--arch", default="resnet50",
+                   help="timm name of the backbone (paper: resnet50, vit_base_patch16_384)")
+    g.add_argument("--weights", default=None,
+                   help="weight file to start from: an arm of CASS (cnn.safetensors / vit.safetensors) or a "
+                        "DINO backbone (backbone.safetensors), or any timm state dict of --arch; every "
+                        "backbone tensor must fit, only the classification head is re-initialised. "
+                        "Overrides --init (which may also be given a PATH)")
+    g.add_argument("--label-frac", type=float, default=1.0,
+                   help="fraction of the training split whose labels are used, in (0, 1] (paper: 0.01, "
+                        "0.1, 1). Stratified by class (multi-label: by label combination), seeded by "
+                        "--seed, at least one image per class; validation and test stay whole")
+    g.add_argument("--eval", choices=("finetune", "knn", "linear"), default="finetune",
+                   help="finetune: end-to-end training (the paper). knn: cosine k-nearest-neighbour vote on "
+                        "frozen features (multi-label: each label's share among the neighbours). linear: "
+                        "logistic regression on frozen standardised features (multi-label: one per label)")
+    g.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="floor of the cosine schedule")
+    g.add_argument("--sched-step", choices=("epoch", "batch"), default="epoch",
+                   help="epoch (default): one cosine decay from --lr to --min-lr over --epochs, stepped "
+                        "once per epoch; the paper's text ('a cosine annealing learning rate starting at "
+                        "3e-4') read plainly, and the same schedule whatever the data set and label "
+                        "fraction. batch: the authors' code, CosineAnnealingLR stepped every batch with "
+                        "T_max 16, i.e. a cosine wave of period 32 batches whose shape depends on the "
+                        "number of batches per epoch")
+    g.add_argument("--t-max", type=int, default=None,
+                   help="CosineAnnealingLR T_max in scheduler steps (default: --epochs for --sched-step "
+                        "epoch, 16 for --sched-step batch)")
+    g.add_argument("--patience", type=int, default=5,
+                   help="stop after this many epochs in a row without a lower validation loss (paper: 5; "
+                        "the authors' code stopped after 6); 0 trains all --epochs. The weights of the "
+                        "epoch with the lowest validation loss are restored for the test either way")
+    g.add_argument("--class-weights", choices=("minmax", "inverse", "none"), default="minmax",
+                   help="per-class weights of the focal loss, from the labelled training counts. minmax "
+                        "(default, the paper's 'minimum-maximum normalized class distribution' as the "
+                        "authors coded it): 0.2 + 0.8 (c - min) / (max - min), so the MOST frequent class "
+                        "weighs 1.0 and the rarest 0.2. inverse: n / (C c), rare classes weigh more "
+                        "(scikit-learn's 'balanced'). none: all 1")
+    g.add_argument("--focal-alpha", type=float, default=1.0, help="focal loss alpha, a plain multiplier (paper: 1)")
+    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (paper: 2)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label only: a label is predicted when its sigmoid probability is >= this")
+    g.add_argument("--knn-k", type=int, default=20,
+                   help="--eval knn: number of neighbours (capped at the number of labelled images)")
+    g.add_argument("--linear-c", type=float, default=1.0,
+                   help="--eval linear: inverse L2 strength of the logistic regression")
+    g.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt after the run has finished (removed by default: it holds the "
+                        "optimiser state and two copies of the weights)")
+    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    args = p.parse_args(argv)
+
+    if not 0 < args.label_frac <= 1:
+        raise UserError(f"--label-frac {args.label_frac}: expected a fraction in (0, 1]")
+    if args.init not in ("imagenet", "random"):
+        if args.weights and args.weights != args.init:
+            raise UserError("--init PATH and --weights PATH both given; pass the weight file once (--weights)")
+        args.weights, args.init = args.init, "random"
+    if args.t_max is None:
+        args.t_max = args.epochs if args.sched_step == "epoch" else 16
+    if args.out is None:
+        args.out = (f"runs/{args.eval}/{args.data}-{args.arch}-{init_tag(args)}"
+                    f"-frac{args.label_frac:g}-seed{args.seed}")
+    return args
+
+
+def init_tag(args) -> str:
+    """Short name of the starting weights for the default output folder: imagenet, random, or
+    <folder of the weight file>-<its name>, e.g. synthetic-resnet18-vit_tiny...-seed0-cnn."""
+    if not args.weights:
+        return args.init
+    path = Path(args.weights)
+    tag = f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
+
+
+# ---------------------------------------------------------------- the labelled subset
+
+def labelled_subset(table, train_rows, frac: float, seed: int) -> np.ndarray:
+    """Rows of the training split whose labels are used: round(frac * n) of them, stratified.
+
+    Each stratum (class, or label combination for multi-label, see datasets._strata) gives
+    frac * its size, rounded by largest remainder so the total is round(frac * n); members are taken
+    from a seeded permutation of the stratum, so with the same seed a smaller fraction is (nearly) a
+    subset of a larger one. Then every class with training images gets at least one (multi-label:
+    every label with a positive training image gets one positive), which may add a few rows."""
+    train_rows = np.sort(np.asarray(train_rows, dtype=np.int64))
+    if frac >= 1:
+        return train_rows
+    rng = np.random.default_rng(seed)
+    strata = _strata(table, train_rows)
+    uniq = np.unique(strata)
+    members = [rng.permutation(train_rows[strata == s]) for s in uniq]
+    want = frac * np.array([len(m) for m in members], dtype=np.float64)
+    take = np.floor(want).astype(int)
+    extra = int(round(frac * len(train_rows))) - int(take.sum())
+    order = np.lexsort((rng.random(len(uniq)), -(want - take)))  # largest remainder, random ties
+    take[order[:max(extra, 0)]] += 1
+    chosen = set(np.concatenate([m[:k] for m, k in zip(members, take)]).tolist())
+    y = table.labels
+    for c in range(len(table.class_names)):
+        has = (y[train_rows, c] > 0) if table.multilabel else (y[train_rows] == c)
+        pool = train_rows[has]
+        if len(pool) and not any(r in chosen for r in pool.tolist()):
+            chosen.add(int(rng.choice(pool)))
+    return np.sort(np.fromiter(chosen, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(args, num_classes: int):
+    """The backbone with a fresh `num_classes` head, and the list of keys that were initialised anew.
+
+    --weights: a randomly initialised timm model into which the file is loaded (models.load_weights
+    checks every backbone tensor); the head is always re-initialised, even where the file holds one
+    of the right shape. Otherwise --init imagenet (timm's weights; the head is new) or random."""
+    if not args.weights:
+        model = create_backbone(args.arch, args.init, num_classes=num_classes, img_size=args.img_size)
+        fresh = [k for k in model.state_dict() if k.startswith(head_prefixes(model))]
+        return model, (fresh if args.init == "imagenet" else ["(all: --init random)"])
+    model = create_backbone(args.arch, "random", num_classes=num_classes, img_size=args.img_size)
+    heads = head_prefixes(model)
+    new_head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(heads)}
+    fresh = load_weights(model, args.weights, flag="--weights")
+    model.load_state_dict(new_head, strict=False)  # a head of the right shape in the file is not kept
+    return model, sorted(new_head) if new_head else fresh
+
+
+# ---------------------------------------------------------------- early stopping
+
+class EarlyStopping:
+    """Early stopping on a value to minimise (the validation loss).
+
+    step(value, epoch) records one epoch and returns True when it is the best so far (strictly
+    lower); should_stop becomes True after `patience` epochs in a row without improvement
+    (patience 0: never). A NaN never improves."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.bad_epochs = patience, math.inf, -1, 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        if value < self.best:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self):
+        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d):
+        self.patience, self.best, self.best_epoch, self.bad_epochs = (
+            d["patience"], d["best"], d["best_epoch"], d["bad_epochs"])
+
+
+# ---------------------------------------------------------------- metrics
+
+def compute_metrics(y_true, probs, class_names, multilabel: bool, threshold: float = 0.5) -> dict:
+    """Test metrics with scikit-learn from the true labels and the predicted probabilities.
+
+    Single-label: y_true class indices (N,), probs (N, C) softmax; prediction = argmax. The F1
+    averages are scikit-learn's over the classes present in y_true or the predictions;
+    balanced_accuracy is the mean recall over the classes present in y_true; auroc_macro is the
+    one-vs-rest macro AUROC, None when a class is absent from the test set.
+    Multi-label: y_true (N, L) 0/1, probs (N, L) sigmoid; prediction = probs >= threshold.
+    balanced_accuracy is the mean over labels of each label's balanced accuracy (mean of its
+    sensitivity and specificity; a label with no positive in the test set counts its specificity
+    only); auroc_macro the mean per-label AUROC, None when some label has only one outcome in the
+    test set (the per-label values are still given where defined)."""
+    from sklearn import metrics as skm
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    C = len(class_names)
+    m = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # absent classes: handled explicitly below
+        if not multilabel:
+            y_true = y_true.astype(int)
+            y_pred = probs.argmax(1)
+            for avg in ("macro", "micro", "weighted"):
+                m[f"f1_{avg}"] = float(skm.f1_score(y_true, y_pred, average=avg, zero_division=0))
+            m["balanced_accuracy"] = float(skm.balanced_accuracy_score(y_true, y_pred))
+            m["accuracy"] = float(skm.accuracy_score(y_true, y_pred))
+            present = np.unique(y_true)
+            if len(present) < C:
+                m["auroc_macro"] = None
+            elif C == 2:
+                m["auroc_macro"] = float(skm.roc_auc_score(y_true, probs[:, 1]))
+            else:
+                p = probs / probs.sum(1, keepdims=True)
+                m["auroc_macro"] = float(skm.roc_auc_score(y_true, p, multi_class="ovr", average="macro",
+                                                           labels=list(range(C))))
+            prec, rec, f1, sup = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(C)),
+                                                                     zero_division=0)
+            m["per_class"] = {n: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                                  "support": int(sup[i])} for i, n in enumerate(class_names)}
+            m["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=list(range(C))).tolist()
+        else:
+            y_true = (y_true > 0.5).astype(int)
+            y_pred = (probs >= threshold).astype(int)
+            for avg in ("macro", "micro", "samples", "weighted"):
+                m[f"f1_{avg}"] = float(skm.f1_score(y_true, y_pred, average=avg, zero_division=0))
+            bacc = [float(skm.balanced_accuracy_score(y_true[:, j], y_pred[:, j])) for j in range(C)]
+            m["balanced_accuracy"] = float(np.mean(bacc))
+            m["accuracy"] = float(skm.accuracy_score(y_true, y_pred))  # exact match of the label set
+            auroc = [float(skm.roc_auc_score(y_true[:, j], probs[:, j])) if 0 < y_true[:, j].sum() < len(y_true)
+                     else None for j in range(C)]
+            m["auroc_macro"] = None if None in auroc else float(np.mean(auroc))
+            prec, rec, f1, sup = skm.precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+            m["per_class"] = {n: {"precision": float(prec[j]), "recall": float(rec[j]), "f1": float(f1[j]),
+                                  "support": int(sup[j]), "balanced_accuracy": bacc[j], "auroc": auroc[j]}
+                              for j, n in enumerate(class_names)}
+            m["confusion_matrix"] = skm.multilabel_confusion_matrix(y_true, y_pred).tolist()
+            m["threshold"] = threshold
+    return m
+
+
+def write_predictions(path, ids, y_true, probs, class_names, multilabel, threshold):
+    """predictions.csv, one row per test image. Single-label: id, y_true, y_pred (class indices, in
+    the order of metrics.json's class_names), prob_<class>. Multi-label: id, true_<label>,
+    pred_<label>, prob_<label>."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            if multilabel:
+                w.writerow(["id"] + [f"{k}_{n}" for k in ("true", "pred", "prob") for n in class_names])
+                for i, t, p in zip(ids, y_true, probs):
+                    w.writerow([i] + [int(v > 0.5) for v in t] + [int(v >= threshold) for v in p]
+                               + [f"{v:.8g}" for v in p])
+            else:
+                w.writerow(["id", "y_true", "y_pred"] + [f"prob_{n}" for n in class_names])
+                for i, t, p in zip(ids, y_true, probs):
+                    w.writerow([i, int(t), int(np.argmax(p))] + [f"{v:.8g}" for v in p])
+    common._atomic(path, write)
+
+
+def plot_confusion(path, metrics, class_names, multilabel, title):
+    """confusion_matrix.png: the C x C matrix (rows true, columns predicted), or for multi-label one
+    2 x 2 matrix per label (rows: label absent/present, columns: predicted absent/present)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm_all = np.asarray(metrics["confusion_matrix"])
+    cms = list(cm_all) if multilabel else [cm_all]
+    names = class_names if multilabel else [title]
+    ticks = [["absent", "present"]] * len(cms) if multilabel else [class_names]
+    n = len(cms)
+    size = 3.0 if multilabel else max(4.0, 0.6 * len(class_names) + 2)
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
+    for ax, cm, name, tk in zip(axes[0], cms, names, ticks):
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > cm.max() / 2 else "black", fontsize=8)
+        ax.set_xticks(range(len(tk)), tk, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(tk)), tk, fontsize=8)
+        ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(name, fontsize=9)
+    if multilabel:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    common.atomic_save_figure(path, fig)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- one pass over a data set
+
+def forward_all(model, loader, device, criterion=None, desc="eval"):
+    """Outputs of `model` for every image of `loader` (no dropped batch), in loader order.
+    Returns (outputs float64 (N, D), labels (N,) or (N, L), rows (N,), mean loss or None)."""
+    model.eval()
+    outs, labels, rows, loss_sum = [], [], [], 0.0
+    with torch.no_grad():
+        for x, y, r in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+            x = x.to(device, non_blocking=True)
+            with common.autocast(device):
+                z = model(x)
+            z = z.float()
+            if criterion is not None:
+                loss_sum += criterion(z, y.to(device)).item() * len(x)
+            outs.append(z.cpu()), labels.append(y), rows.append(r)
+    n = sum(len(r) for r in rows)
+    return (torch.cat(outs).double().numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy(),
+            loss_sum / n if criterion is not None else None)
+
+
+def to_probs(logits, multilabel):
+    t = torch.from_numpy(logits)
+    return (t.sigmoid() if multilabel else t.softmax(-1)).numpy()
+
+
+# ---------------------------------------------------------------- frozen-feature evaluations
+
+def knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel):
+    """Cosine k-nearest-neighbour vote (scikit-learn NearestNeighbors, brute force): the score of a
+    class is the fraction of the k neighbours that have it; single-label predicts the largest
+    (ties: the lowest class index), multi-label thresholds each label's fraction (label averaging)."""
+    from sklearn.neighbors import NearestNeighbors
+    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_feats)
+    _, idx = nn_.kneighbors(test_feats)
+    onehot = train_y.astype(np.float64) if multilabel else np.eye(num_classes)[train_y.astype(int)]
+    return onehot[idx].mean(1)
+
+
+def linear_probs(train_feats, train_y, test_feats, num_classes, multilabel, c, seed):
+    """Logistic regression (L-BFGS, L2 with inverse strength c) on standardised features; one binary
+    regression per label for multi-label (a label constant in the labelled set gets that constant)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(train_feats)
+    a, b = scaler.transform(train_feats), scaler.transform(test_feats)
+    make = lambda: LogisticRegression(C=c, max_iter=2000, random_state=seed)  # noqa: E731
+    if not multilabel:
+        y = train_y.astype(int)
+        probs = np.zeros((len(b), num_classes))
+        if len(np.unique(y)) == 1:
+            probs[:, y[0]] = 1.0
+            return probs
+        clf = make().fit(a, y)
+        probs[:, clf.classes_] = clf.predict_proba(b)
+        return probs
+    probs = np.zeros((len(b), num_classes))
+    for j in range(num_classes):
+        yj = (train_y[:, j] > 0.5).astype(int)
+        probs[:, j] = make().fit(a, yj).predict_proba(b)[:, 1] if 0 < yj.sum() < len(yj) else float(yj[0])
+    return probs
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    device = common.pick_device(args.device)
+    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    out = common.prepare_out_dir(args.out, config, args.force, ignore=("workers", "device", "force",
+                                                                       "keep_checkpoint"))
+    if args.force:
+        (out / "metrics.json").unlink(missing_ok=True)
+    if (out / "metrics.json").exists():
+        print(f"{out} already holds a finished run (metrics.json); nothing to do "
+              "(pass --force to run it again)")
+        return
+
+    # ---- data: labelled subset of the training split; validation and test whole
+    table, split = load_data(args)
+    C = len(table.class_names)
+    for part in ("train", "val", "test"):
+        if len(split[part]) == 0:
+            raise UserError(f"the {part} split of --data {args.data} is empty; the data set is too small")
+    rows = labelled_subset(table, split["train"], args.label_frac, args.seed)
+    counts = table.class_counts(rows)
+    common.atomic_write_json(out / "labelled_ids.json", {
+        "data": args.data, "label_frac": args.label_frac, "seed": args.seed, "n_train": len(split["train"]),
+        "n_labelled": len(rows), "class_names": table.class_names, "class_counts": counts.tolist(),
+        "ids": [table.ids[r] for r in rows]})
+    test_set = ImageDataset(table, split["test"], eval_transform(args.img_size))
+    test_loader = make_loader(test_set, args.bs, shuffle=False, workers=args.workers, device=device)
+    kind = "multi-label" if table.multilabel else "single-label"
+    print(f"{args.data}: {C} classes ({kind}), {len(rows)} labelled training images "
+          f"({args.label_frac:g} of {len(split['train'])}; per class {counts.tolist()}), "
+          f"{len(split['val'])} validation, {len(split['test'])} test")
+
+    common.seed_everything(args.seed)
+    model, fresh = build_model(args, C)
+    print(f"{args.arch} ({count_params(model) / 1e6:.1f}M parameters) from "
+          f"{args.weights or args.init}; re-initialised: {', '.join(fresh)}")
+    model.to(device)
+
+    extra = {}
+    if args.eval != "finetune":
+        model.reset_classifier(0)  # pooled features
+        feat_loader = make_loader(ImageDataset(table, rows, eval_transform(args.img_size)), args.bs,
+                                  shuffle=False, workers=args.workers, device=device)
+        train_f, train_y, _, _ = forward_all(model, feat_loader, device, desc="features (train)")
+        test_f, test_y, test_rows, _ = forward_all(model, test_loader, device, desc="features (test)")
+        if args.eval == "knn":
+            k = min(args.knn_k, len(rows))
+            probs = knn_probs(train_f, train_y, test_f, k, C, table.multilabel)
+            extra = {"knn_k": k}
+        else:
+            probs = linear_probs(train_f, train_y, test_f, C, table.multilabel, args.linear_c, args.seed)
+        extra["feature_dim"] = int(train_f.shape[1])
+        best_epoch = epochs_run = None
+        t_total = 0.0
+    else:
+        res = train(args, out, model, table, rows, split, counts, device, test_loader)
+        if res is None:  # --stop-after-epoch: a simulated interruption
+            return
+        test_y, test_rows, probs = res["test_y"], res["test_rows"], res["probs"]
+        best_epoch, epochs_run, t_total = res["best_epoch"], res["epochs_run"], res["seconds"]
+        extra = {"stopped_early": res["stopped_early"], "best_val_loss": res["best_val_loss"]}
+
+    # ---- test metrics and files (metrics.json last: its presence means the run is complete)
+    metrics = compute_metrics(test_y, probs, table.class_names, table.multilabel, args.threshold)
+    ids = [table.ids[r] for r in test_rows]
+    write_predictions(out / "predictions.csv", ids, test_y, probs, table.class_names, table.multilabel,
+                      args.threshold)
+    headline = HEADLINE.get(args.data, "f1_macro")
+    title = f"{args.data} {args.arch} {init_tag(args)} frac {args.label_frac:g} seed {args.seed} ({args.eval})"
+    plot_confusion(out / "confusion_matrix.png", metrics, table.class_names, table.multilabel, title)
+    metrics.update({
+        "headline_metric": headline, "headline_value": metrics[headline], "best_epoch": best_epoch,
+        "epochs_run": epochs_run, "n_test": len(ids), "n_labelled": len(rows), "n_val": len(split["val"]),
+        "label_frac": args.label_frac, "seed": args.seed, "data": args.data, "arch": args.arch,
+        "init": init_tag(args), "eval": args.eval, "class_names": table.class_names,
+        "multilabel": table.multilabel, "train_seconds": t_total, **extra})
+    common.atomic_write_json(out / "metrics.json", metrics)
+    if not args.keep_checkpoint:
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            (out / name).unlink(missing_ok=True)
+    where = f"best epoch {best_epoch + 1}/{epochs_run}, " if best_epoch is not None else ""
+    print(f"done ({args.eval}): {where}test {headline} {metrics[headline]:.4f} "
+          f"(f1_macro {metrics['f1_macro']:.4f}, balanced_accuracy {metrics['balanced_accuracy']:.4f}, "
+          f"n_test {len(ids)}); files in {out}")
+
+
+def train(args, out, model, table, rows, split, counts, device, test_loader):
+    """End-to-end fine-tuning with early stopping, then the test pass with the best validation
+    weights; returns a dict for main's metrics, or None after --stop-after-epoch."""
+    train_set = ImageDataset(table, rows, cass_augment(args.img_size))
+    val_loader = make_loader(ImageDataset(table, split["val"], eval_transform(args.img_size)), args.bs,
+                             shuffle=False, workers=args.workers, device=device)
+    drop_last = len(rows) % args.bs == 1 and len(rows) > args.bs  # a batch of one breaks BatchNorm
+    weight = class_weights(counts, args.class_weights).to(device)
+    criterion = FocalLoss(args.focal_alpha, args.focal_gamma, weight, multilabel=table.multilabel).to(device)
+    print(f"class weights ({args.class_weights}): {[round(w, 3) for w in weight.tolist()]}")
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.t_max, eta_min=args.min_lr)
+    stopper = EarlyStopping(args.patience)
+    best_state = None
+
+    start_epoch = 0
+    ckpt = common.load_checkpoint(out)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        stopper.load_state_dict(ckpt["early_stopping"])
+        best_state = ckpt["best_state"]
+        start_epoch = ckpt["epoch"] + 1
+        print(f"resuming {out} after epoch {start_epoch}")
+    log = common.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, args.epochs):
+        if stopper.should_stop:  # resumed after the stopping epoch's checkpoint
+            epoch -= 1
+            break
+        gen = common.seed_epoch(args.seed, epoch)
+        loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
+                             generator=gen, device=device)
+        model.train()
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum, n = torch.zeros((), device=device), 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        for x, y, _ in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with common.autocast(device):
+                logits = model(x)
+            loss = criterion(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if args.sched_step == "batch":
+                sched.step()
+            loss_sum += loss.detach() * len(x)
+            n += len(x)
+        if args.sched_step == "epoch":
+            sched.step()
+        train_loss = loss_sum.item() / max(n, 1)
+        if not math.isfinite(train_loss):
+            raise UserError(f"training loss is {train_loss} in epoch {epoch + 1}; stopped, the last good "
+                            f"checkpoint in {out} is kept (try a lower --lr)")
+        logits, val_y, _, val_loss = forward_all(model, val_loader, device, criterion, desc="validation")
+        val = compute_metrics(val_y, to_probs(logits, table.multilabel), table.class_names,
+                              table.multilabel, args.threshold)
+        if stopper.step(val_loss, epoch):
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        seconds = time.perf_counter() - t0
+        log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_f1_macro": val["f1_macro"],
+                    "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "seconds": seconds})
+        common.save_checkpoint(out, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "early_stopping": stopper.state_dict(),
+                                     "best_state": best_state})
+        mark = " *" if stopper.best_epoch == epoch else ""
+        tqdm.write(f"epoch {epoch + 1}/{args.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                   f"val_f1_macro {val['f1_macro']:.4f} lr {lr:.2e} {seconds:.1f}s{mark}")
+        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
+            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch); rerun to resume")
+            return None
+        if stopper.should_stop:
+            print(f"early stopping: no lower validation loss for {args.patience} epochs "
+                  f"(best {stopper.best:.4f} at epoch {stopper.best_epoch + 1})")
+            break
+    epochs_run = epoch + 1
+    if best_state is None:
+        raise UserError("no epoch was trained (--epochs 0?)")
+
+    # ---- best validation weights for the test
+    model.load_state_dict(best_state)
+    save_weights(model, out / "best.safetensors")
+    logits, test_y, test_rows, _ = forward_all(model, test_loader, device, desc="test")
+    return {"best_epoch": stopper.best_epoch, "epochs_run": epochs_run, "best_val_loss": stopper.best,
+            "seconds": sum(float(r["seconds"]) for r in log.rows), "stopped_early": stopper.should_stop,
+            "test_y": test_y, "test_rows": test_rows, "probs": to_probs(logits, table.multilabel)}
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
