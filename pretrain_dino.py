@@ -1,0 +1,445 @@
+"""DINO pretraining of one backbone, the paper's self-supervised baseline.
+
+A student and a teacher of the same architecture (the teacher an exponential moving average of
+the student) see different crops of each training image: the teacher only the two global crops,
+the student all crops, and the student learns to match the teacher's centred, sharpened softmax
+output (Caron et al., 2021). Defaults follow the official implementation (facebookresearch/dino,
+main_dino.py), as the paper says its DINO runs did: multi-crop 2 x 224 px + 8 x 96 px, a projection
+head of 65536 outputs, AdamW at 5e-4 x batch / 256 with 10 warm-up epochs and cosine decay, weight
+decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperature 0.04, centre momentum 0.9,
+last layer frozen for the first epoch, per-parameter gradient clipping at 3.0. Batch 16 and 100
+epochs from ImageNet weights are the paper's settings.
+
+    python pretrain_dino.py --data dermofit --data-root /data/dermofit --arch resnet50
+    python pretrain_dino.py --data dermofit --data-root /data/dermofit --arch vit_base_patch16_384
+    python pretrain_dino.py --data synthetic --arch resnet18 --init random --img-size 64 \\
+        --local-size 32 --epochs 5                 # minutes on a laptop CPU
+
+Training uses the training split only. The output folder holds config.json, log.csv (one row per
+epoch, with its wall time for Table 2), backbone.safetensors (the TEACHER backbone, the one DINO
+evaluates; loads into a timm model with any head through finetune.py --weights),
+student_backbone.safetensors, and checkpoint.pt: rerunning the same command resumes from the last
+finished epoch.
+"""
+
+import argparse
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from common import (CsvLog, UserError, add_common_args, autocast, load_checkpoint, pick_device,
+                    prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything)
+from datasets import DinoMultiCrop, ImageDataset, load_data, make_loader
+from losses import DINOLoss
+from models import count_params, create_backbone, save_weights
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, bs=16, epochs=100, img_size=224, init="imagenet")
+    g = p.add_argument_group("DINO model")
+    g.add_argument("--arch", default="resnet50",
+                   help="timm name of the backbone: resnet50 and vit_base_patch16_384 in the paper, any timm "
+                        "model works (ViTs are built with dynamic_img_size so they take the local crops)")
+    g.add_argument("--out-dim", type=int, default=65536,
+                   help="output dimension K of the DINO head (official: 65536; smaller, e.g. 4096, is cheaper "
+                        "and often enough on small data sets)")
+    g.add_argument("--hidden-dim", type=int, default=2048, help="hidden width of the head's MLP (official: 2048)")
+    g.add_argument("--bottleneck-dim", type=int, default=256,
+                   help="width of the L2-normalised bottleneck before the last layer (official: 256)")
+    g.add_argument("--head-bn", action="store_true",
+                   help="BatchNorm in the head's MLP (official --use_bn_in_head; off by default)")
+    g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the norm of the weight-normalised last layer (official default: on; off can "
+                        "work better for ViTs but makes training less stable)")
+    g.add_argument("--drop-path-rate", type=float, default=None,
+                   help="stochastic depth of the STUDENT backbone (the teacher has none); default 0.1 for "
+                        "Transformers (official), 0 for CNNs")
+    g = p.add_argument_group("DINO multi-crop (global crops are --img-size px)")
+    g.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
+                   help="area fraction of the global crops (official: 0.4 1; its ResNet-50 recipe: 0.14 1)")
+    g.add_argument("--local-crops", type=int, default=8,
+                   help="number of local crops (official: 8; 0 trains on the two global crops only; each "
+                        "local crop adds a student forward/backward at --local-size px)")
+    g.add_argument("--local-size", type=int, default=96, help="size of the local crops in px (official: 96)")
+    g.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+                   help="area fraction of the local crops (official: 0.05 0.4; its ResNet-50 recipe: 0.05 0.14)")
+    g = p.add_argument_group("DINO loss and teacher")
+    g.add_argument("--momentum-teacher", type=float, default=0.996,
+                   help="start of the teacher EMA momentum, raised to 1 by a cosine per iteration (official: "
+                        "0.996 at batch 1024; its README advises a higher value for small batches, e.g. 0.9995 "
+                        "at batch 256; at --bs 16 try 0.9995-0.9999 if training is unstable)")
+    g.add_argument("--teacher-temp", type=float, default=0.04,
+                   help="teacher temperature after the warm-up (official: 0.04; above 0.07 is usually unstable; "
+                        "raise slightly if needed)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04,
+                   help="teacher temperature at the start of its linear warm-up (official: 0.04; lower it if the "
+                        "loss does not decrease)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=0,
+                   help="epochs of the teacher temperature warm-up (official default 0; its stronger ViT-S "
+                        "recipe: --warmup-teacher-temp 0.04 --teacher-temp 0.07 over 30 epochs)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student temperature (official: 0.1)")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher centre (official: 0.9)")
+    g = p.add_argument_group("DINO optimisation")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw (official default) or sgd (momentum 0.9; the official ResNet-50 recipe: "
+                        "--optimizer sgd --lr 0.03 --weight-decay 1e-4 --weight-decay-end 1e-4)")
+    g.add_argument("--lr", type=float, default=5e-4,
+                   help="learning rate at batch 256: the peak rate is lr * bs / 256 (linear scaling rule, official: "
+                        "5e-4, so 3.1e-5 at --bs 16)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine learning rate decay (official: 1e-6)")
+    g.add_argument("--warmup-epochs", type=int, default=10,
+                   help="linear learning rate warm-up from 0, in epochs (official: 10); cut to --epochs when "
+                        "longer (the run is then all warm-up)")
+    g.add_argument("--weight-decay", type=float, default=0.04,
+                   help="weight decay at the start of its cosine schedule (official: 0.04); biases and norm "
+                        "parameters (ndim <= 1) are never decayed")
+    g.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (official: 0.4)")
+    g.add_argument("--clip-grad", type=float, default=3.0,
+                   help="maximal gradient norm of EACH parameter tensor, as official DINO (0 disables)")
+    g.add_argument("--freeze-last-layer", type=int, default=1,
+                   help="epochs during which the head's last layer is kept fixed (official: 1; raise it if the "
+                        "loss does not decrease early on)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow first epoch)")
+    g.add_argument("--limit-train", type=int, default=0,
+                   help="use only the first N training images (smoke tests and quick looks)")
+    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"runs/dino/{args.data}-{args.arch}-bs{args.bs}-ep{args.epochs}-seed{args.seed}"
+    for flag in ("out_dim", "hidden_dim", "bottleneck_dim", "local_size", "img_size", "bs", "epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.momentum_teacher <= 1 or not 0 <= args.center_momentum <= 1:
+        raise UserError("--momentum-teacher and --center-momentum must lie in [0, 1]")
+    if min(args.teacher_temp, args.warmup_teacher_temp, args.student_temp) <= 0:
+        raise UserError("temperatures must be positive")
+    return args
+
+
+# ---------------------------------------------------------------- model: backbone + DINO head
+
+class WeightNormLinear(nn.Module):
+    """Linear(in_dim, out_dim, bias=False) whose weight is g * v / ||v|| row by row: the same
+    function and parameters (weight_g, weight_v) as nn.utils.weight_norm(nn.Linear(...)), which
+    official DINO uses, written out because torch deprecates that helper."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone()  # nn.Linear's default init
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def weight(self):
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x):
+        return F.linear(x, self.weight())
+
+
+class DINOHead(nn.Module):
+    """Official DINO head: MLP in -> hidden -> hidden -> bottleneck (GELU), L2 normalisation, then a
+    weight-normalised Linear(bottleneck -> out_dim, no bias) whose norm is frozen at 1 when
+    norm_last_layer (the default)."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, use_bn=False,
+                 norm_last_layer=True, nlayers=3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(b))
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + head over a list of crops (official MultiCropWrapper): consecutive crops of the same
+    size go through the backbone as one batch, the features are concatenated crop-major, then the head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        object.__setattr__(self, "_backbone_fn", None)  # a compiled backbone, kept out of the state dict
+
+    def compile_backbone(self):
+        object.__setattr__(self, "_backbone_fn", torch.compile(self.backbone))
+
+    def forward(self, crops):
+        if torch.is_tensor(crops):
+            crops = [crops]
+        fn = self.backbone if self._backbone_fn is None else self._backbone_fn
+        feats, i = [], 0
+        while i < len(crops):
+            j = i + 1
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            x = torch.cat(crops[i:j]) if j - i > 1 else crops[i]
+            feats.append(fn(x))
+            i = j
+        return self.head(torch.cat(feats) if len(feats) > 1 else feats[0])
+
+
+def create_dino_backbone(arch, init, img_size, **kwargs):
+    """A timm backbone giving pooled features (num_classes=0). Models that know dynamic_img_size
+    (ViTs) get it so they accept the local crops; others (CNNs) take any size anyway."""
+    try:
+        return create_backbone(arch, init, num_classes=0, img_size=img_size, dynamic_img_size=True, **kwargs)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise UserError(f"--arch {arch}: {e}") from None
+    try:
+        return create_backbone(arch, init, num_classes=0, img_size=img_size, **kwargs)
+    except TypeError as e:
+        raise UserError(f"--arch {arch}: {e}") from None
+
+
+def is_transformer(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
+
+
+def build_models(args, device):
+    """Student and teacher (MultiCropNet each). The teacher starts as an exact copy of the student,
+    without drop path, and never receives gradients."""
+    teacher_bb = create_dino_backbone(args.arch, args.init, args.img_size)
+    dpr = args.drop_path_rate if args.drop_path_rate is not None else (0.1 if is_transformer(teacher_bb) else 0.0)
+    if dpr > 0:
+        student_bb = create_dino_backbone(args.arch, "random", args.img_size, drop_path_rate=dpr)
+        student_bb.load_state_dict(teacher_bb.state_dict())
+    else:
+        student_bb = copy.deepcopy(teacher_bb)
+    in_dim = teacher_bb.num_features
+    head = DINOHead(in_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim, args.head_bn, args.norm_last_layer)
+    student = MultiCropNet(student_bb, head).to(device)
+    teacher = MultiCropNet(teacher_bb, copy.deepcopy(head)).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, dpr
+
+
+# ---------------------------------------------------------------- schedules and the training step
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+    """One value per global iteration, as official DINO's utils.cosine_scheduler: a linear warm-up
+    from start_warmup_value over warmup_epochs, then a cosine from base_value to final_value.
+    A warm-up longer than the run is cut to the run's length."""
+    warmup_iters = min(warmup_epochs, epochs) * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+def param_groups(model: nn.Module):
+    """Official DINO: weight decay on every trainable parameter except biases and norm parameters
+    (names ending in .bias or ndim <= 1). Group 0 is decayed (its decay follows the schedule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(kind, groups, device):
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)  # lr and decay are set by the schedules
+    return torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float):
+    """Official DINO's clipping: each parameter's gradient scaled to norm <= clip on its own
+    (factor clip / (norm + 1e-6) when below 1). No host synchronisation."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    coefs = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    torch._foreach_clamp_max_(coefs, 1.0)  # a factor of 1 leaves a gradient bit-identical
+    torch._foreach_mul_(grads, coefs)
+
+
+def cancel_last_layer_grads(model: nn.Module):
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None  # the optimiser then skips it, weight decay included
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
+    """teacher <- m * teacher + (1 - m) * student, over parameters (buffers such as BatchNorm
+    statistics stay the teacher's own, as in official DINO)."""
+    t_params = list(teacher.parameters())
+    s_params = list(student.parameters())
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, momentum, clip_grad,
+               freeze_last_layer, device):
+    """One DINO iteration: set lr and weight decay, teacher forward on the 2 global crops, student
+    forward on all crops, loss, backward, per-parameter clipping, last layer frozen during the first
+    `freeze_last_layer` epochs, optimiser step, then the teacher's EMA update.
+    Returns (loss, stats) as device tensors (no host sync)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # only the first group is regularised
+            group["weight_decay"] = wd
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    if device.type == "cuda" and is_cnn_input(student):
+        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+    with autocast(device):
+        with torch.no_grad():
+            teacher_out = teacher(crops[:2])  # only the 2 global views pass through the teacher
+        student_out = student(crops)
+    loss, stats = loss_fn(student_out, teacher_out, epoch, return_stats=True)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        clip_gradients(student, clip_grad)
+    if epoch < freeze_last_layer:
+        cancel_last_layer_grads(student)
+    optimizer.step()
+    ema_update(teacher, student, momentum)
+    return loss.detach(), stats
+
+
+def is_cnn_input(model):
+    return not is_transformer(model.backbone)
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    out = prepare_out_dir(args.out, config, args.force)
+
+    # ---- data: the training split only (Appendix C.5.1)
+    table, split = load_data(args)
+    rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
+    if args.bs > len(rows):
+        raise UserError(f"--bs {args.bs} is larger than the training set ({len(rows)} images)")
+    transform = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+    train_set = ImageDataset(table, rows, transform)
+    steps_per_epoch = len(rows) // args.bs  # drop_last=True, as official DINO
+
+    # ---- student, teacher, loss, optimiser, schedules
+    seed_everything(args.seed)
+    student, teacher, dpr = build_models(args, device)
+    if device.type == "cuda" and is_cnn_input(student):
+        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    ncrops = 2 + args.local_crops
+    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
+                         args.center_momentum).to(device)
+    optimizer = make_optimizer(args.optimizer, param_groups(student), device)
+    peak_lr = args.lr * args.bs / 256.0  # linear scaling rule
+    lr_schedule = cosine_scheduler(peak_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
+    if args.compile:
+        student.compile_backbone(), teacher.compile_backbone()
+
+    # ---- resume
+    start_epoch, elapsed = 0, 0.0
+    ckpt = load_checkpoint(out)
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        dino_loss.load_state_dict(ckpt["dino_loss"])
+        start_epoch, elapsed = ckpt["epoch"] + 1, float(ckpt.get("elapsed", 0.0))
+        print(f"resuming {out} after epoch {start_epoch}")
+    log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+
+    print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
+          f"{count_params(student.head) / 1e6:.1f}M head, drop path {dpr}), {len(rows)} training images of "
+          f"{args.data}, 2 x {args.img_size} px + {args.local_crops} x {args.local_size} px crops, "
+          f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, {args.epochs} epochs on {device}, output {out}")
+
+    t_run = time.perf_counter()
+    max_entropy = math.log(args.out_dim)
+    for epoch in range(start_epoch, args.epochs):
+        gen = seed_epoch(args.seed, epoch)
+        loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=True,
+                             generator=gen, device=device)
+        student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
+        t0 = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
+        n_steps = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+        for step, (crops, _, _) in enumerate(bar):
+            it = epoch * steps_per_epoch + step  # global iteration
+            loss, st = train_step(crops, student, teacher, dino_loss, optimizer, epoch=epoch,
+                                  lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
+                                  momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
+                                  freeze_last_layer=args.freeze_last_layer, device=device)
+            sums += torch.stack([loss, st["teacher_entropy"], st["teacher_kl_to_mean"], st["student_kl"]])
+            n_steps += 1
+            if step % 20 == 0:  # the only host sync inside the epoch
+                cur = loss.item()
+                if not math.isfinite(cur):
+                    raise UserError(f"loss is {cur} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
+                                    f"checkpoint in {out} is kept (try a lower --lr, a higher --momentum-teacher "
+                                    f"or --clip-grad)")
+                bar.set_postfix(loss=f"{cur:.4f}")
+        mean = (sums / max(n_steps, 1)).tolist()
+        if not all(math.isfinite(v) for v in mean):
+            raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in {out} "
+                            "is kept (try a lower --lr)")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        last = epoch * steps_per_epoch + n_steps - 1
+        n_img = n_steps * args.bs
+        row = {"epoch": epoch, "loss": mean[0], "lr": float(lr_schedule[last]), "wd": float(wd_schedule[last]),
+               "teacher_temp": dino_loss.teacher_temp(epoch), "momentum": float(momentum_schedule[last]),
+               "seconds": seconds, "total_seconds": elapsed, "img_per_s": n_img / seconds,
+               "teacher_entropy": mean[1], "teacher_kl_to_mean": mean[2], "student_kl": mean[3],
+               "max_entropy": max_entropy}
+        log.append(row)
+        save_checkpoint(out, {"epoch": epoch, "elapsed": elapsed, "student": student.state_dict(),
+                              "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                              "dino_loss": dino_loss.state_dict()})
+        tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {mean[0]:.4f} teacher entropy {mean[1]:.3f} "
+                   f"(max {max_entropy:.2f}) kl_to_mean {mean[2]:.3f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
+            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
+            return
+
+    # ---- final weights: the teacher's backbone (what DINO evaluates) and the student's
+    save_weights(teacher.backbone, out / "backbone.safetensors")
+    save_weights(student.backbone, out / "student_backbone.safetensors")
+    print(f"done: {args.epochs} epochs, {elapsed:.0f}s of training ({time.perf_counter() - t_run:.0f}s this "
+          f"session); teacher backbone {out / 'backbone.safetensors'}, log {out / 'log.csv'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
