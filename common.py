@@ -27,7 +27,9 @@ def run_cli(main):
     except UserError as e:
         if os.environ.get("CASS_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: {msg.removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -40,7 +42,17 @@ def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="i
     g.add_argument("--data-root", default=None,
                    help="where the data set lies (for medmnist: the .npz file); not needed for synthetic*")
     g.add_argument("--cache-dir", default=os.environ.get("CASS_CACHE", str(Path.home() / ".cache" / "cass")),
-                   help="where generated data (synthetic*) is kept (env CASS_CACHE)")
+                   help="where generated data (synthetic*) and the decoded-image cache (decoded/) are kept "
+                        "(env CASS_CACHE)")
+    g.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="decode the image files at every epoch instead of once into the decoded-image cache "
+                        "(<cache-dir>/decoded: uint8 arrays resized to the input size, rebuilt when the files "
+                        "change); data held in arrays (synthetic*, medmnist) is never cached")
+    g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment on the device (gpu_aug.py): the loader only reads uint8 images, the random "
+                        "transforms run batched on the GPU, same distributions as the CPU path but not the same "
+                        "pixels. Default: on with CUDA when the images are in an array (cache or synthetic), "
+                        "off on the CPU (where --gpu-aug runs the same code on CPU tensors)")
     g.add_argument("--split-file", default=None,
                    help="JSON file of train/val/test ids; default runs/splits/<data>-<fingerprint>.json, "
                         "created on first use and reused by every later script and seed")
@@ -48,7 +60,8 @@ def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="i
                    help="seed of the stratified 70/10/20 split (77 as in the authors' code); "
                         "kept apart from --seed so every training seed sees the same split")
     g.add_argument("--img-size", type=int, default=img_size, help="input size in pixels (square)")
-    g.add_argument("--bs", type=int, default=bs, help="batch size")
+    g.add_argument("--bs", type=int, default=bs,
+                   help="batch size; under torchrun the GLOBAL batch, split evenly over the processes")
     g.add_argument("--epochs", type=int, default=epochs, help="number of epochs")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     g.add_argument("--out", default=None, help="output folder (default: a name under runs/ built from the flags)")
@@ -86,6 +99,8 @@ def autocast(device: torch.device):
 # ---------------------------------------------------------------- atomic writes
 
 def _atomic(path, write):
+    if not is_main():  # distributed runs: only rank 0 writes files
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -129,7 +144,7 @@ def atomic_save_figure(path, fig):
 
 # ---------------------------------------------------------------- run folders
 
-def prepare_out_dir(out, config: dict, force: bool, ignore=("workers", "device", "force")) -> Path:
+def prepare_out_dir(out, config: dict, force: bool, ignore=("workers", "device", "force", "cache", "gpu_aug")) -> Path:
     """Create the run folder and write config.json.
 
     A folder that already holds a config with other settings is refused unless --force,
@@ -147,7 +162,7 @@ def prepare_out_dir(out, config: dict, force: bool, ignore=("workers", "device",
         if differ:
             raise UserError(f"--out {out} holds a different run (differs in: {', '.join(differ)}); "
                             "choose another --out or pass --force to start it afresh")
-    elif cfg_path.exists() and force:
+    elif cfg_path.exists() and force and is_main():
         for stale in ("checkpoint.pt", "checkpoint.prev.pt"):
             (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +201,8 @@ def read_csv_log(path):
 def save_checkpoint(out: Path, state: dict):
     """Write checkpoint.pt atomically; the previous one is kept as checkpoint.prev.pt until then."""
     out = Path(out)
+    if not is_main():
+        return
     ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
     if ckpt.exists():
         os.replace(ckpt, prev)
@@ -214,3 +231,100 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     s = seed * 100_003 + epoch
     seed_everything(s)
     return torch.Generator().manual_seed(s)
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this process's
+    device (cuda:LOCAL_RANK on CUDA). Backend nccl on CUDA, gloo on the CPU. On CUDA it also turns
+    on cudnn.benchmark (every script trains at fixed sizes). Processes other than
+    rank 0 print nothing to stdout and show no progress bars; their errors still reach stderr."""
+    import torch.distributed as dist
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) here "
+                            "(torchrun --nproc_per_node at most the number of GPUs)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    import atexit
+    atexit.register(cleanup_distributed)
+    if dist.get_rank() != 0:
+        import tqdm
+        init = tqdm.tqdm.__init__
+
+        def quiet_init(self, *a, **k):
+            k["disable"] = True
+            init(self, *a, **k)
+        tqdm.tqdm.__init__ = quiet_init
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def cleanup_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True in a single-process run and on rank 0 of a distributed one: the process that writes files."""
+    return rank() == 0
+
+
+def barrier():
+    if world_size() > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+class main_first:
+    """`with main_first():` rank 0 runs the block first (e.g. creates the split file, the decoded
+    cache, the output folder); the other processes wait, then run it and find the work done."""
+
+    def __enter__(self):
+        if not is_main():
+            barrier()
+
+    def __exit__(self, exc_type, *rest):
+        if is_main() and exc_type is None:
+            barrier()
+        return False
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the processes (in place; a no-op in a single process)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_float(x: float) -> float:
+    """Rank 0's value of x on every process (so decisions such as early stopping agree)."""
+    if world_size() == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, 0)
+    return float(t.item())

@@ -7,9 +7,15 @@ training and every fine-tuning seed see the same images. `ImageDataset` turns ro
 tensors through a torchvision transform; `cass_augment` and `eval_transform` are the paper's.
 """
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import random
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -485,23 +491,146 @@ class ImageDataset(torch.utils.data.Dataset):
         t = self.table
         return array_to_rgb(np.asarray(t.array[row])) if t.array is not None else load_rgb(t.paths[row])
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: a position i, or (epoch_seed, i) from EpochSampler: the transform's random draws then
+        come from item_seed(epoch_seed, row) alone (see seeded_rngs)."""
+        epoch_seed, i = key if isinstance(key, tuple) else (None, key)
         row = int(self.rows[i])
         label = torch.as_tensor(self.table.labels[row])
-        return self.transform(self.image(row)), label, row
+        if epoch_seed is None:
+            return self.transform(self.image(row)), label, row
+        with seeded_rngs(item_seed(epoch_seed, row)):
+            return self.transform(self.image(row)), label, row
 
 
-def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=None, device=None):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=bs, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-        generator=generator, pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False)
+def item_seed(epoch_seed: int, row: int) -> int:
+    """The seed of one image's augmentation in one epoch (a splitmix64 mix of the two numbers).
+
+    It depends on the image's row, not on its position in the batch, the data loader worker or the
+    process that loads it: the same epoch gives the same views with 0 or 8 workers, 1 or 4 processes,
+    on the CPU path or (its own random numbers) the GPU one."""
+    z = (int(epoch_seed) * 0x9E3779B97F4A7C15 + int(row) + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: a valid torch seed
 
 
-def load_data(args, parts=("train", "val", "test")):
-    """The table and the split for the shared --data/--data-root/--split-file flags."""
+class seeded_rngs:
+    """Seed the CPU random generators the transforms use (torch's default CPU generator, `random`,
+    numpy's global one) for one item. In the main process (workers=0) their previous states are
+    restored afterwards, so the training loop's own random stream is not disturbed; CUDA generators
+    are never touched."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.saved = None
+        if torch.utils.data.get_worker_info() is None:
+            self.saved = (torch.default_generator.get_state(), random.getstate(), np.random.get_state())
+        torch.default_generator.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.default_generator.set_state(self.saved[0])
+            random.setstate(self.saved[1])
+            np.random.set_state(self.saved[2])
+        return False
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of one epoch: a permutation of 0..n-1 drawn from the epoch seed (shuffle), or 0..n-1.
+
+    shard=True under torch.distributed: process `rank` takes every world-th item of that order,
+    padded by wrapping around so every process gets ceil(n / world) items (as DistributedSampler),
+    or, with drop_multiple=B (a loader dropping its last incomplete batch, B the global batch),
+    first cut to a multiple of B; the processes' batches k together are then exactly the
+    single-process batch k of the global batch size, and every process has as many batches. With an epoch seed it yields (epoch_seed, i) pairs, so ImageDataset seeds each
+    item's augmentation from (epoch seed, row); without, plain positions."""
+
+    def __init__(self, n: int, shuffle: bool, shard: bool = False, drop_multiple: int = None):
+        self.n, self.shuffle, self.epoch_seed, self.drop_multiple = n, shuffle, None, drop_multiple
+        self.rank, self.world = 0, 1
+        if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def set_epoch_seed(self, seed):
+        self.epoch_seed = None if seed is None else int(seed)
+
+    def _total(self):
+        if self.world > 1 and self.drop_multiple:
+            return self.n - self.n % self.drop_multiple
+        return self.n
+
+    def __len__(self):
+        return -(-self._total() // self.world)
+
+    def __iter__(self):
+        s = self.epoch_seed
+        if self.shuffle:
+            if s is None:  # no generator given: a fresh seed from torch's global generator, as DataLoader
+                s = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(s))
+        else:
+            order = torch.arange(self.n)
+        if self.world > 1:
+            order = order[:self._total()]
+            pad = len(self) * self.world - len(order)
+            order = torch.cat([order, order[:pad]])[self.rank::self.world]
+        if s is None:
+            yield from order.tolist()
+        else:
+            for i in order.tolist():
+                yield (s, i)
+
+
+_LOADERS = {}  # persistent data loaders (workers > 0), reused by every epoch's make_loader call
+
+
+def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=None, device=None, shard=False):
+    """A DataLoader over `dataset` for one epoch.
+
+    generator: the epoch's generator (common.seed_epoch); its seed fixes the order and every item's
+    augmentation (EpochSampler, item_seed). shard=True: under torch.distributed this process loads
+    its share only, and `bs` is the GLOBAL batch (each of the world processes gets bs // world).
+    With workers > 0 the loader and its worker processes persist: a later call with the same
+    dataset and settings returns the same loader, only re-seeded. Memory is pinned on CUDA."""
+    world = 1
+    if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if bs % world:
+            raise UserError(f"--bs {bs} is the global batch: it must be divisible by the number of "
+                            f"processes ({world})")
+    pin = device is not None and device.type == "cuda"
+    key = (id(dataset), bs, shuffle, workers, drop_last, pin, shard)
+    cached = _LOADERS.get(key) if workers > 0 else None
+    if cached is not None and cached[0] is dataset:
+        loader = cached[1]
+    else:
+        sampler = EpochSampler(len(dataset), shuffle, shard, bs if drop_last else None)
+        loader = torch.utils.data.DataLoader(  # its own generator: the global random stream is not drawn from
+            dataset, batch_size=bs // world, sampler=sampler, num_workers=workers, drop_last=drop_last,
+            pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+        if workers > 0:
+            _LOADERS[key] = (dataset, loader)
+    loader.sampler.set_epoch_seed(generator.initial_seed() if generator is not None else None)
+    return loader
+
+
+def load_data(args, parts=("train", "val", "test"), cache_size=None, cache_part=None):
+    """The table and the split for the shared --data/--data-root/--split-file flags.
+
+    Data sets read from image files are decoded once into the decoded-image cache (`cached_table`,
+    unless --no-cache) at `cache_size` px (default --img-size), covering every row of the table, or
+    only the rows of split part `cache_part` (e.g. 'train' for DINO, whose cache size is its own)."""
     table = load_table(args.data, args.data_root, args.cache_dir)
     split = get_split(table, args.split_file, args.split_seed)
+    if getattr(args, "cache", True) and table.array is None:
+        rows = split[cache_part] if cache_part else None
+        table = cached_table(table, cache_size or args.img_size, args.cache_dir, rows=rows,
+                             workers=getattr(args, "workers", 0))
     return table, split
 
 
@@ -573,3 +702,194 @@ class DinoMultiCrop:
 
     def __call__(self, img):
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+# ---------------------------------------------------------------- decoded-image cache
+
+CACHE_VERSION = 1  # bump when the decoding below changes: old caches are then never reused
+
+
+class MappedArray:
+    """A read-only (N, S, S, 3) uint8 array in a .npy file, memory-mapped on first use.
+
+    `index` maps a table row to its position in the file (-1: not cached). Pickles as its path
+    (never its contents), so data loader workers under any start method map the file themselves."""
+
+    def __init__(self, path, index=None):
+        self.path, self.index, self._a = str(path), index, None
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(f)
+        self.ndim = len(self.shape)
+
+    def _arr(self):
+        if self._a is None:
+            self._a = np.load(self.path, mmap_mode="r")
+        return self._a
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, row):
+        if self.index is not None:
+            pos = int(self.index[row])
+            if pos < 0:
+                raise IndexError(f"row {row} is not in the decoded-image cache {self.path}")
+            row = pos
+        return self._arr()[row]
+
+    def __getstate__(self):
+        return {"path": self.path, "index": self.index, "shape": self.shape, "dtype": self.dtype,
+                "ndim": self.ndim, "_a": None}
+
+
+def decode_resized(path, size: int) -> np.ndarray:
+    """One image file as uint8 (size, size, 3): load_rgb, then exactly the Resize((size, size))
+    that cass_augment and eval_transform begin with (PIL bilinear, antialiased), so those transforms
+    give bit-identical results on the cached image (their Resize is then the identity)."""
+    img = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)(load_rgb(path))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def cache_fingerprint(table: ImageTable, size: int, rows) -> str:
+    """Hash of what the cached array depends on: the decoder version, the size and, for every
+    cached row, its file's path, byte size and modification time (changed files: a new cache)."""
+    h = hashlib.sha1(f"v{CACHE_VERSION} {table.name} {size}\n".encode())
+    for r in rows:
+        p = table.paths[r]
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise UserError(f"cannot read image {p}: {e.strerror}") from None
+        h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode_chunk(args):
+    """Worker of the cache build: decode rows into positions of the (temporary) .npy file."""
+    tmp, paths, positions, size = args
+    out = np.load(tmp, mmap_mode="r+")
+    for p, pos in zip(paths, positions):
+        out[pos] = decode_resized(p, size)
+    out.flush()
+    return len(positions)
+
+
+def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, workers: int = 0,
+                 progress: bool = True) -> ImageTable:
+    """`table` with `array` set to its images decoded and resized to (size, size) once, kept in
+    <cache_dir>/decoded/<name>-<size>px-<n>-<fingerprint>.npy (memory-mapped, uint8 N x S x S x 3).
+
+    rows: the table rows to cache (default all). The file is built under a lock (a second process
+    waits for the first), written to a temporary file, fsynced, renamed into place, then marked
+    complete by <...>.done.json: a crash never leaves a file that looks finished. A source file
+    that changes (size or modification time) changes the fingerprint, so the cache is rebuilt.
+    Tables already held in arrays (synthetic, medmnist) are returned unchanged."""
+    if table.array is not None or not table.paths:
+        return table
+    import fcntl
+    rows = np.arange(len(table)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    cache_dir = Path(cache_dir or os.environ.get("CASS_CACHE") or "~/.cache/cass").expanduser()
+    folder = cache_dir / "decoded"
+    fp = cache_fingerprint(table, size, rows)
+    stem = f"{table.name}-{size}px-{len(rows)}-{fp}"
+    path, done = folder / f"{stem}.npy", folder / f"{stem}.done.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not _cache_complete(path, done, fp):
+            with open(folder / f".{stem}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same cache: wait for it
+                if not _cache_complete(path, done, fp):
+                    _build_cache(table, rows, size, path, done, fp, workers, progress)
+    except OSError as e:
+        raise UserError(f"decoded-image cache {folder}: {e} (choose another --cache-dir, or --no-cache)") from None
+    index = None
+    if len(rows) != len(table) or not np.array_equal(rows, np.arange(len(table))):
+        index = np.full(len(table), -1, dtype=np.int64)
+        index[rows] = np.arange(len(rows))
+    return dataclasses.replace(table, array=MappedArray(path, index),
+                               extra={**table.extra, "decoded_cache": str(path), "cache_size": size})
+
+
+def _cache_complete(path: Path, done: Path, fp: str) -> bool:
+    try:
+        return path.is_file() and json.loads(done.read_text()).get("fingerprint") == fp
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _build_cache(table, rows, size, path, done, fp, workers, progress):
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm import tqdm
+    n = len(rows)
+    nbytes = n * size * size * 3
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes * 1.05 + (64 << 20):
+        raise UserError(f"decoded-image cache: {nbytes / 2**30:.1f} GiB needed in {path.parent}, only "
+                        f"{free / 2**30:.1f} GiB free (use --cache-dir elsewhere, or --no-cache)")
+    print(f"decoding {n} images of {table.name} once into {path} ({nbytes / 2**30:.2f} GiB, {size}x{size})",
+          file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    _readable(tmp)
+    t0 = time.perf_counter()
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        paths = [table.paths[r] for r in rows]
+        bar = tqdm(total=n, desc="decoding", unit="img", disable=not progress or None, dynamic_ncols=True)
+        if workers > 0 and n > 64:
+            out.flush()
+            del out
+            chunk = max(16, min(256, n // (workers * 8) or 1))
+            jobs = [(tmp, paths[a:a + chunk], list(range(a, min(a + chunk, n))), size) for a in range(0, n, chunk)]
+            import multiprocessing as mp
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+                for k in ex.map(_decode_chunk, jobs):
+                    bar.update(k)
+        else:
+            for pos, p in enumerate(paths):
+                out[pos] = decode_resized(p, size)
+                bar.update(1)
+            out.flush()
+            del out
+        bar.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _write_marker(done, {"fingerprint": fp, "data": table.name, "root": table.root, "size": size, "n": n,
+                         "version": CACHE_VERSION, "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _write_marker(path: Path, obj):
+    """The completion marker, written atomically by whichever process built the cache (not only
+    rank 0 of a distributed run, unlike common's atomic writers)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _readable(tmp)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _readable(path):
+    """mkstemp makes files private (0600); a cache is as readable as the umask allows (usually 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def dino_cache_size(global_size: int, local_size: int, global_scale, local_scale) -> int:
+    """Cache size for DINO, whose RandomResizedCrop works on the cached image: large enough that
+    the smallest crops of either kind are not enlarged, i.e. max(global / sqrt(min global scale),
+    local / sqrt(min local scale)), rounded up to a multiple of 32 (448 px at the official
+    224 / 96 px, scales 0.4 / 0.05). The cached image is square: like CASS's Resize((s, s)), a
+    600 x 450 image is stretched to a square first, which shifts the crops' aspect ratios."""
+    need = max(global_size / math.sqrt(global_scale[0]), local_size / math.sqrt(local_scale[0]))
+    return int(math.ceil(need / 32) * 32)

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from datasets import ImageDataset, _strata, cass_augment, eval_transform, load_data, make_loader
+from datasets import _strata, load_data, make_loader
+from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
 from losses import FocalLoss, class_weights
-from models import count_params, create_backbone, head_prefixes, load_weights, save_weights
+from models import count_params, create_backbone, head_prefixes, load_weights, save_weights, sync_batchnorm, wrap_ddp
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
@@ -97,6 +98,7 @@ def get_args(argv=None):
                    help="--eval knn: number of neighbours (capped at the number of labelled images)")
     g.add_argument("--linear-c", type=float, default=1.0,
                    help="--eval linear: inverse L2 strength of the logistic regression")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA; slow first epoch)")
     g.add_argument("--keep-checkpoint", action="store_true",
                    help="keep checkpoint.pt after the run has finished (removed by default: it holds the "
                         "optimiser state and two copies of the weights)")
@@ -322,13 +324,16 @@ def plot_confusion(path, metrics, class_names, multilabel, title):
 # ---------------------------------------------------------------- one pass over a data set
 
 def forward_all(model, loader, device, criterion=None, desc="eval"):
-    """Outputs of `model` for every image of `loader` (no dropped batch), in loader order.
+    """Outputs of `model` for every image of `loader` (no dropped batch), in loader order; the batches
+    go to the device through gpu_aug.batch_to_device (normalised there with --gpu-aug).
     Returns (outputs float64 (N, D), labels (N,) or (N, L), rows (N,), mean loss or None)."""
     model.eval()
     outs, labels, rows, loss_sum = [], [], [], 0.0
     with torch.no_grad():
         for x, y, r in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-            x = x.to(device, non_blocking=True)
+            x = batch_to_device(x, loader.dataset, device)
+            if device.type == "cuda" and not is_transformer(model):
+                x = x.contiguous(memory_format=torch.channels_last)
             with common.autocast(device):
                 z = model(x)
             z = z.float()
@@ -338,6 +343,10 @@ def forward_all(model, loader, device, criterion=None, desc="eval"):
     n = sum(len(r) for r in rows)
     return (torch.cat(outs).double().numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy(),
             loss_sum / n if criterion is not None else None)
+
+
+def is_transformer(model) -> bool:
+    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
 
 
 def to_probs(logits, multilabel):
@@ -382,14 +391,30 @@ def linear_probs(train_feats, train_y, test_feats, num_classes, multilabel, c, s
     return probs
 
 
+def finetune_step(fwd, x, y, criterion, opt, device):
+    """One fine-tuning iteration: forward under bf16 autocast (CUDA; a CNN in channels_last), focal
+    loss, backward (DDP: gradients averaged over the processes), Adam step. Returns the loss as a
+    device tensor (no host sync)."""
+    if device.type == "cuda" and not is_transformer(getattr(fwd, "module", fwd)):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with common.autocast(device):
+        logits = fwd(x)
+    loss = criterion(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
     args = get_args(argv)
-    device = common.pick_device(args.device)
+    device = common.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    out = common.prepare_out_dir(args.out, config, args.force, ignore=("workers", "device", "force",
-                                                                       "keep_checkpoint"))
+    with common.main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
+        out = common.prepare_out_dir(args.out, config, args.force, ignore=(
+            "workers", "device", "force", "keep_checkpoint", "cache", "gpu_aug", "compile"))
     if args.force:
         (out / "metrics.json").unlink(missing_ok=True)
     if (out / "metrics.json").exists():
@@ -398,7 +423,9 @@ def main(argv=None):
         return
 
     # ---- data: labelled subset of the training split; validation and test whole
-    table, split = load_data(args)
+    with common.main_first():
+        table, split = load_data(args)
+    gpu = use_gpu_aug(args, device, table)
     C = len(table.class_names)
     for part in ("train", "val", "test"):
         if len(split[part]) == 0:
@@ -409,7 +436,7 @@ def main(argv=None):
         "data": args.data, "label_frac": args.label_frac, "seed": args.seed, "n_train": len(split["train"]),
         "n_labelled": len(rows), "class_names": table.class_names, "class_counts": counts.tolist(),
         "ids": [table.ids[r] for r in rows]})
-    test_set = ImageDataset(table, split["test"], eval_transform(args.img_size))
+    test_set, _ = eval_pipeline(table, split["test"], args.img_size, device, gpu)
     test_loader = make_loader(test_set, args.bs, shuffle=False, workers=args.workers, device=device)
     kind = "multi-label" if table.multilabel else "single-label"
     print(f"{args.data}: {C} classes ({kind}), {len(rows)} labelled training images "
@@ -421,11 +448,15 @@ def main(argv=None):
     print(f"{args.arch} ({count_params(model) / 1e6:.1f}M parameters) from "
           f"{args.weights or args.init}; re-initialised: {', '.join(fresh)}")
     model.to(device)
+    if device.type == "cuda" and not is_transformer(model):
+        model.to(memory_format=torch.channels_last)
 
     extra = {}
     if args.eval != "finetune":
+        if not common.is_main():  # frozen-feature evaluations are not distributed: rank 0 does them
+            return
         model.reset_classifier(0)  # pooled features
-        feat_loader = make_loader(ImageDataset(table, rows, eval_transform(args.img_size)), args.bs,
+        feat_loader = make_loader(eval_pipeline(table, rows, args.img_size, device, gpu)[0], args.bs,
                                   shuffle=False, workers=args.workers, device=device)
         train_f, train_y, _, _ = forward_all(model, feat_loader, device, desc="features (train)")
         test_f, test_y, test_rows, _ = forward_all(model, test_loader, device, desc="features (test)")
@@ -439,8 +470,8 @@ def main(argv=None):
         best_epoch = epochs_run = None
         t_total = 0.0
     else:
-        res = train(args, out, model, table, rows, split, counts, device, test_loader)
-        if res is None:  # --stop-after-epoch: a simulated interruption
+        res = train(args, out, model, table, rows, split, counts, device, test_loader, gpu)
+        if res is None:  # --stop-after-epoch (a simulated interruption), or not rank 0 of a torchrun
             return
         test_y, test_rows, probs = res["test_y"], res["test_rows"], res["probs"]
         best_epoch, epochs_run, t_total = res["best_epoch"], res["epochs_run"], res["seconds"]
@@ -470,17 +501,25 @@ def main(argv=None):
           f"n_test {len(ids)}); files in {out}")
 
 
-def train(args, out, model, table, rows, split, counts, device, test_loader):
+def train(args, out, model, table, rows, split, counts, device, test_loader, gpu=False):
     """End-to-end fine-tuning with early stopping, then the test pass with the best validation
-    weights; returns a dict for main's metrics, or None after --stop-after-epoch."""
-    train_set = ImageDataset(table, rows, cass_augment(args.img_size))
-    val_loader = make_loader(ImageDataset(table, split["val"], eval_transform(args.img_size)), args.bs,
+    weights; returns a dict for main's metrics, or None after --stop-after-epoch (and on the
+    processes other than rank 0 of a torchrun: the test and the files are rank 0's).
+
+    Under torchrun the training batches are split over the processes (DDP, synchronised BatchNorm);
+    every process evaluates the whole validation set and rank 0's validation loss decides."""
+    train_set, prepare = cass_pipeline(table, rows, args.img_size, (), device, gpu)
+    val_loader = make_loader(eval_pipeline(table, split["val"], args.img_size, device, gpu)[0], args.bs,
                              shuffle=False, workers=args.workers, device=device)
     drop_last = len(rows) % args.bs == 1 and len(rows) > args.bs  # a batch of one breaks BatchNorm
     weight = class_weights(counts, args.class_weights).to(device)
     criterion = FocalLoss(args.focal_alpha, args.focal_gamma, weight, multilabel=table.multilabel).to(device)
     print(f"class weights ({args.class_weights}): {[round(w, 3) for w in weight.tolist()]}")
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = sync_batchnorm(model, device)
+    fwd = wrap_ddp(model, device)
+    if args.compile:
+        fwd = torch.compile(fwd)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.t_max, eta_min=args.min_lr)
     stopper = EarlyStopping(args.patience)
     best_state = None
@@ -504,31 +543,28 @@ def train(args, out, model, table, rows, split, counts, device, test_loader):
             break
         gen = common.seed_epoch(args.seed, epoch)
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device)
+                             generator=gen, device=device, shard=True)
         model.train()
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
-        loss_sum, n = torch.zeros((), device=device), 0
+        sums = torch.zeros(2, device=device)  # loss sum, images
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None)
         for x, y, _ in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with common.autocast(device):
-                logits = model(x)
-            loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            x, y = prepare(x), y.to(device, non_blocking=True)
+            loss = finetune_step(fwd, x, y, criterion, opt, device)
             if args.sched_step == "batch":
                 sched.step()
-            loss_sum += loss.detach() * len(x)
-            n += len(x)
+            sums[0] += loss.detach() * len(x)
+            sums[1] += len(x)
         if args.sched_step == "epoch":
             sched.step()
-        train_loss = loss_sum.item() / max(n, 1)
+        loss_sum, n = common.all_reduce_sum(sums).tolist()
+        train_loss = loss_sum / max(n, 1)
         if not math.isfinite(train_loss):
             raise UserError(f"training loss is {train_loss} in epoch {epoch + 1}; stopped, the last good "
                             f"checkpoint in {out} is kept (try a lower --lr)")
         logits, val_y, _, val_loss = forward_all(model, val_loader, device, criterion, desc="validation")
+        val_loss = common.broadcast_float(val_loss)  # every process takes rank 0's early-stopping decision
         val = compute_metrics(val_y, to_probs(logits, table.multilabel), table.class_names,
                               table.multilabel, args.threshold)
         if stopper.step(val_loss, epoch):
@@ -554,6 +590,8 @@ def train(args, out, model, table, rows, split, counts, device, test_loader):
         raise UserError("no epoch was trained (--epochs 0?)")
 
     # ---- best validation weights for the test
+    if not common.is_main():
+        return None
     model.load_state_dict(best_state)
     save_weights(model, out / "best.safetensors")
     logits, test_y, test_rows, _ = forward_all(model, test_loader, device, desc="test")

@@ -176,5 +176,12 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output):
-        batch_center = teacher_output.float().sum(0, keepdim=True) / len(teacher_output)
+        """Under torch.distributed the batch mean is over every process's teacher outputs (one
+        all-reduce, as official DINO), so the centre stays the same on every process."""
+        batch_center = teacher_output.float().sum(0, keepdim=True)
+        n = len(teacher_output)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_center)
+            n *= torch.distributed.get_world_size()
+        batch_center = batch_center / n
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -21,11 +21,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from common import (CsvLog, UserError, add_common_args, autocast, load_checkpoint, pick_device,
-                    prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything)
-from datasets import ImageDataset, cass_augment, load_data, make_loader
+from common import (CsvLog, UserError, add_common_args, all_reduce_sum, autocast, load_checkpoint,
+                    main_first, pick_device, prepare_out_dir, run_cli, save_checkpoint, seed_epoch,
+                    seed_everything, setup_distributed, world_size)
+from datasets import load_data, make_loader
+from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
-from models import count_params, create_backbone, save_weights
+from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
 
 
 def get_args(argv=None):
@@ -78,29 +80,49 @@ def make_optimizer(kind, params, lr, device):
     return torch.optim.Adam(params, lr=lr, fused=fused)
 
 
+def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
+    """One CASS iteration on the input batch x (on the device): both arms' forward passes under
+    bf16 autocast (CUDA; the CNN in channels_last), the loss, one backward pass into both arms, both
+    optimiser steps. Returns (loss, guard fired, cnn output, vit output) as device tensors, no host
+    sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged."""
+    with autocast(device):
+        r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+        t = fwd_vit(x)
+    loss, fired = criterion(r, t)
+    opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
+    opt_vit.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_cnn.step(), opt_vit.step()
+    return loss, fired, r, t
+
+
 def has_batchnorm(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
+    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
+
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    out = prepare_out_dir(args.out, config, args.force)
+    with main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
+        out = prepare_out_dir(args.out, config, args.force)
 
     # ---- data: the training split only (Appendix C.5.1)
-    table, split = load_data(args)
+    with main_first():
+        table, split = load_data(args)
+    gpu = use_gpu_aug(args, device, table)
     rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
     if args.bs > len(rows):
         raise UserError(f"--bs {args.bs} is larger than the training set ({len(rows)} images)")
-    train_set = ImageDataset(table, rows, cass_augment(args.img_size, args.extra_aug))
+    train_set, prepare = cass_pipeline(table, rows, args.img_size, args.extra_aug, device, gpu)
     drop_last = len(rows) % args.bs == 1  # a batch of one breaks BatchNorm in training mode
     steps_per_epoch = len(rows) // args.bs + (0 if drop_last or len(rows) % args.bs == 0 else 1)
 
     # ---- the two arms, their optimisers, schedules and SWA averages
     seed_everything(args.seed)
-    cnn = create_backbone(args.cnn, args.init, img_size=args.img_size).to(device)
-    vit = create_backbone(args.vit, args.init, img_size=args.img_size).to(device)
+    cnn = sync_batchnorm(create_backbone(args.cnn, args.init, img_size=args.img_size), device).to(device)
+    vit = sync_batchnorm(create_backbone(args.vit, args.init, img_size=args.img_size), device).to(device)
     if device.type == "cuda":
         cnn = cnn.to(memory_format=torch.channels_last)
     opt_cnn = make_optimizer(args.cnn_opt, cnn.parameters(), args.lr, device)
@@ -110,7 +132,9 @@ def main(argv=None):
     swa_cnn, swa_vit = AveragedModel(cnn), AveragedModel(vit)
     swa_start = min(args.epochs - 1, int(args.swa_start * args.epochs))
     criterion = CASSLoss(args.head_act, guard=args.guard)
-    fwd_cnn, fwd_vit = (torch.compile(cnn), torch.compile(vit)) if args.compile else (cnn, vit)
+    fwd_cnn, fwd_vit = wrap_ddp(cnn, device), wrap_ddp(vit, device)  # torchrun: gradients averaged
+    if args.compile:
+        fwd_cnn, fwd_vit = torch.compile(fwd_cnn), torch.compile(fwd_vit)
 
     # ---- resume
     start_epoch = 0
@@ -126,28 +150,22 @@ def main(argv=None):
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M) + {args.vit} ({count_params(vit) / 1e6:.1f}M), "
           f"{len(rows)} training images of {args.data}, {steps_per_epoch} steps/epoch, "
-          f"{args.epochs} epochs on {device}, output {out}")
+          f"{args.epochs} epochs on {device}{f' x {world_size()} processes' if world_size() > 1 else ''}, "
+          f"{'device' if gpu else 'CPU'} augmentation, output {out}")
 
     t_run = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device)
+                             generator=gen, device=device, shard=True)
         cnn.train(), vit.train()
         t0 = time.perf_counter()
         stats = torch.zeros(3, device=device)  # loss sum, guard firings, samples
         moments = {}  # per-arm sums of normalised outputs and their squares (collapse signal)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         for step, (x, _, _) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            with autocast(device):
-                r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
-                t = fwd_vit(x)
-            loss, fired = criterion(r, t)
-            opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
-            opt_vit.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_cnn.step(), opt_vit.step()
+            x = prepare(x)  # to the device (pinned, non-blocking); --gpu-aug: augmented there
+            loss, fired, r, t = cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device)
             if args.sched_unit == "step":
                 sched_cnn.step(), sched_vit.step()
             with torch.no_grad():
@@ -167,6 +185,9 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{cur:.4f}")
         if args.sched_unit == "epoch":
             sched_cnn.step(), sched_vit.step()
+        all_reduce_sum(stats)  # torchrun: sums over every process's share of the epoch
+        for s in moments.values():
+            all_reduce_sum(s)
         loss_sum, fired_n, n = stats.tolist()
         if not math.isfinite(loss_sum):
             raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in "
@@ -199,10 +220,10 @@ def main(argv=None):
     save_weights(vit, out / "vit_last.safetensors")
     if args.swa:
         bn_loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                                generator=seed_epoch(args.seed, args.epochs), device=device)
+                                generator=seed_epoch(args.seed, args.epochs), device=device, shard=True)
         for swa in (swa_cnn, swa_vit):
-            if has_batchnorm(swa.module):
-                update_bn(bn_loader, swa, device=device)
+            if has_batchnorm(swa.module):  # (synchronised BatchNorm under torchrun: every process takes part)
+                update_bn(((prepare(x),) for x, _, _ in bn_loader), swa, device=device)
         save_weights(swa_cnn.module, out / "cnn.safetensors")
         save_weights(swa_vit.module, out / "vit.safetensors")
     else:

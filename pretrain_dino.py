@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (CsvLog, UserError, add_common_args, autocast, load_checkpoint, pick_device,
-                    prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything)
-from datasets import DinoMultiCrop, ImageDataset, load_data, make_loader
+from common import (CsvLog, UserError, add_common_args, all_reduce_sum, autocast, load_checkpoint, main_first,
+                    pick_device, prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything,
+                    setup_distributed, world_size)
+from datasets import dino_cache_size, load_data, make_loader
+from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
-from models import count_params, create_backbone, save_weights
+from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
 
 
 def get_args(argv=None):
@@ -107,6 +109,11 @@ def get_args(argv=None):
                    help="epochs during which the head's last layer is kept fixed (official: 1; raise it if the "
                         "loss does not decrease early on)")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow first epoch)")
+    g.add_argument("--cache-size", type=int, default=None,
+                   help="size of the decoded-image cache the crops are cut from (image files only; default: "
+                        "large enough that the smallest crops of either kind are not enlarged, "
+                        "max(img-size / sqrt(min global scale), local-size / sqrt(min local scale)) rounded up "
+                        "to 32: 448 px at 224 / 96 px; 608 px at 384 px. Only the training split is cached)")
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
     g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
@@ -329,29 +336,34 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
 
 
 def is_cnn_input(model):
-    return not is_transformer(model.backbone)
+    return not is_transformer(getattr(model, "module", model).backbone)  # (a DDP-wrapped student too)
 
 
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
+    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    out = prepare_out_dir(args.out, config, args.force)
+    with main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
+        out = prepare_out_dir(args.out, config, args.force)
 
-    # ---- data: the training split only (Appendix C.5.1)
-    table, split = load_data(args)
+    # ---- data: the training split only (Appendix C.5.1), decoded once at a size the crops can cut from
+    cache_size = args.cache_size or dino_cache_size(args.img_size, args.local_size, args.global_scale,
+                                                    args.local_scale)
+    with main_first():
+        table, split = load_data(args, cache_size=cache_size, cache_part="train")
+    gpu = use_gpu_aug(args, device, table)
     rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
     if args.bs > len(rows):
         raise UserError(f"--bs {args.bs} is larger than the training set ({len(rows)} images)")
-    transform = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
-    train_set = ImageDataset(table, rows, transform)
+    train_set, prepare = dino_pipeline(table, rows, args, device, gpu)  # --gpu-aug: crops cut on the device
     steps_per_epoch = len(rows) // args.bs  # drop_last=True, as official DINO
 
     # ---- student, teacher, loss, optimiser, schedules
     seed_everything(args.seed)
     student, teacher, dpr = build_models(args, device)
+    student, teacher = sync_batchnorm(student, device), sync_batchnorm(teacher, device)  # torchrun: global statistics
     if device.type == "cuda" and is_cnn_input(student):
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     ncrops = 2 + args.local_crops
@@ -365,6 +377,7 @@ def main(argv=None):
     momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
     if args.compile:
         student.compile_backbone(), teacher.compile_backbone()
+    fwd_student = wrap_ddp(student, device)  # torchrun: gradients averaged over the processes
 
     # ---- resume
     start_epoch, elapsed = 0, 0.0
@@ -381,14 +394,16 @@ def main(argv=None):
     print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
           f"{count_params(student.head) / 1e6:.1f}M head, drop path {dpr}), {len(rows)} training images of "
           f"{args.data}, 2 x {args.img_size} px + {args.local_crops} x {args.local_size} px crops, "
-          f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, {args.epochs} epochs on {device}, output {out}")
+          f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, {args.epochs} epochs on {device}"
+          f"{f' x {world_size()} processes' if world_size() > 1 else ''}, {'device' if gpu else 'CPU'} augmentation, "
+          f"output {out}")
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=True,
-                             generator=gen, device=device)
+                             generator=gen, device=device, shard=True)
         student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
@@ -396,7 +411,8 @@ def main(argv=None):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         for step, (crops, _, _) in enumerate(bar):
             it = epoch * steps_per_epoch + step  # global iteration
-            loss, st = train_step(crops, student, teacher, dino_loss, optimizer, epoch=epoch,
+            crops = prepare(crops)  # to the device (pinned, non-blocking); --gpu-aug: cut and augmented there
+            loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
                                   freeze_last_layer=args.freeze_last_layer, device=device)
@@ -409,7 +425,7 @@ def main(argv=None):
                                     f"checkpoint in {out} is kept (try a lower --lr, a higher --momentum-teacher "
                                     f"or --clip-grad)")
                 bar.set_postfix(loss=f"{cur:.4f}")
-        mean = (sums / max(n_steps, 1)).tolist()
+        mean = (all_reduce_sum(sums) / (max(n_steps, 1) * world_size())).tolist()  # torchrun: over every process
         if not all(math.isfinite(v) for v in mean):
             raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in {out} "
                             "is kept (try a lower --lr)")

@@ -1,0 +1,132 @@
+"""torchrun: two CPU processes (gloo) train the same tiny CASS (and DINO) run as one process with
+the same global batch, and end with the same weights.
+
+Why they can match: --bs is the global batch, split evenly over the processes (each takes every
+other image of the epoch's order, so their batches together are the single process's batch);
+each image's augmentation is seeded by (epoch, row), not by the process or worker that loads it;
+DDP averages the gradients of the two halves, which equals the gradient of the whole batch's mean
+loss; BatchNorm is synchronised (models.CpuSyncBatchNorm on gloo, nn.SyncBatchNorm on CUDA) so
+its statistics are the whole batch's, and the SWA BatchNorm recomputation runs synchronised on
+both processes. What differs is only the order of floating-point sums (per-process partial sums,
+the all-reduce), hence allclose with a tight tolerance rather than equality.
+
+The CNN arm is trained with SGD here (--cnn-opt sgd), and its weights, SWA average and recomputed
+BatchNorm statistics must all match to 1e-6. The ViT arm always uses Adam, whose first steps move
+every weight by about +-lr whatever the gradient's size (lr * m / (sqrt(v) + eps)): a weight whose
+gradient is a cancellation at the level of float rounding may move either way in either run. So
+for Adam weights all but 1e-4 of the elements must match to 1e-5 and the others by at most
+2 lr per step. (With Adam on the CNN too, its many near-zero gradients make a few percent of the weights
+differ that way, after which BatchNorm statistics drift apart: not a useful comparison.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import read_csv_log
+from conftest import ROOT, run_script
+
+ARGS = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+        "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "32",
+        "--cnn-opt", "sgd"]
+LR, STEPS = 1e-3, 4
+
+
+def torchrun(script, *args, cwd, nproc=2, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        run_script("pretrain_cass.py", *ARGS, "--out", "single", cwd=tmp)
+        proc = torchrun("pretrain_cass.py", *ARGS, "--out", "ddp", cwd=tmp)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return tmp, proc
+
+
+def test_two_processes_end_with_the_weights_of_one(runs):
+    tmp, proc = runs
+    assert "x 2 processes" in proc.stdout
+    for name in ("cnn_last", "vit_last", "cnn", "vit"):  # raw weights, and SWA (BatchNorm recomputed)
+        a = load_file(tmp / "single" / f"{name}.safetensors")
+        b = load_file(tmp / "ddp" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        n = off = 0
+        for k in a:
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(a[k], b[k]), (name, k)
+                continue
+            d = (a[k] - b[k]).abs()
+            if name.startswith("cnn"):  # SGD: everything matches
+                assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (name, k, d.max().item())
+            else:  # Adam: a few sign-flipped updates of near-zero gradients, each at most 2 lr per step
+                assert d.max() <= 2 * LR * STEPS, (name, k, d.max().item())
+                n, off = n + d.numel(), off + int((d > 1e-5 + 1e-4 * a[k].abs()).sum())
+        assert name.startswith("cnn") or off <= 1e-4 * n, (name, off, n)
+
+
+def test_the_logged_loss_is_the_whole_batch_loss(runs):
+    tmp, _ = runs
+    a = read_csv_log(tmp / "single" / "log.csv")
+    b = read_csv_log(tmp / "ddp" / "log.csv")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-4)
+        assert float(ra["cnn_std"]) == pytest.approx(float(rb["cnn_std"]), rel=1e-3)
+
+
+def test_only_rank_0_writes(runs):
+    tmp, _ = runs
+    names = sorted(p.name for p in (tmp / "ddp").iterdir())
+    assert names == sorted(p.name for p in (tmp / "single").iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+DINO = ["--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--local-size", "16", "--local-crops", "2",
+        "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32", "--init", "random", "--workers", "0",
+        "--bs", "16", "--epochs", "2", "--limit-train", "40", "--optimizer", "sgd", "--lr", "0.5",
+        "--warmup-epochs", "0"]
+
+
+def test_dino_two_processes_match_one(tmp_path):
+    """DINO under torchrun: the same student and teacher (EMA) weights, BatchNorm statistics (student
+    and teacher synchronised) and centre (all-reduced teacher means) as one process; 40 images at
+    batch 16 give 2 full batches per epoch on both (the incomplete last batch is dropped either way)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        run_script("pretrain_dino.py", *DINO, "--out", "single", cwd=tmp_path)
+        torchrun("pretrain_dino.py", *DINO, "--out", "ddp", cwd=tmp_path)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    for name in ("backbone", "student_backbone"):
+        a = load_file(tmp_path / "single" / f"{name}.safetensors")
+        b = load_file(tmp_path / "ddp" / f"{name}.safetensors")
+        for k in a:
+            assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), (name, k)
+    ca = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["dino_loss"]["center"]
+    cb = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["dino_loss"]["center"]
+    assert torch.allclose(ca, cb, atol=1e-6)
+    la, lb = read_csv_log(tmp_path / "single" / "log.csv"), read_csv_log(tmp_path / "ddp" / "log.csv")
+    assert [float(r["loss"]) for r in la] == pytest.approx([float(r["loss"]) for r in lb], rel=1e-5)
