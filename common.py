@@ -98,6 +98,10 @@ def autocast(device: torch.device):
 
 # ---------------------------------------------------------------- atomic writes
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path, write):
     if not is_main():  # distributed runs: only rank 0 writes files
         return
@@ -105,6 +109,7 @@ def _atomic(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -144,7 +149,11 @@ def atomic_save_figure(path, fig):
 
 # ---------------------------------------------------------------- run folders
 
-def prepare_out_dir(out, config: dict, force: bool, ignore=("workers", "device", "force", "cache", "gpu_aug")) -> Path:
+# Flags that change how a run is executed, not what it computes: a resume may change them.
+RUNTIME_FLAGS = ("workers", "device", "force", "cache", "gpu_aug", "cache_dir", "compile")
+
+
+def prepare_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:
     """Create the run folder and write config.json.
 
     A folder that already holds a config with other settings is refused unless --force,

@@ -414,7 +414,7 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
     with common.main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
         out = common.prepare_out_dir(args.out, config, args.force, ignore=(
-            "workers", "device", "force", "keep_checkpoint", "cache", "gpu_aug", "compile"))
+            *common.RUNTIME_FLAGS, "keep_checkpoint"))
     if args.force:
         (out / "metrics.json").unlink(missing_ok=True)
     if (out / "metrics.json").exists():

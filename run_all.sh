@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole CASS study, resumable: a thin wrapper around run_all.py (the planner).
+#
+#   bash run_all.sh quick                     # synthetic miniature on CPU (< 15 min on 2 cores)
+#   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
+#   bash run_all.sh paper table1 table6 fig2  # only these
+#   bash run_all.sh paper --dry-run           # list the plan, run nothing (or DRY_RUN=1 bash run_all.sh ...)
+#
+# Data roots (paper mode): ISIC_ROOT, BRAIN_MRI_ROOT, DERMOFIT_ROOT, AUTOIMMUNE_CSV, or the flags
+# --isic-root, --brain-mri-root, --dermofit-root, --autoimmune-csv. Tables whose data is not given
+# are skipped with a message. Run the same command again to resume after an interruption.
+# More options: bash run_all.sh --help
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+# The quick mode needs no download (random init, generated data): never wait for the network.
+# The paper mode starts from ImageNet weights, fetched from the Hugging Face hub or its cache.
+if [[ "${1:-}" == "quick" ]]; then
+    export HF_HUB_OFFLINE=1
+fi
+
+exec "$PY" run_all.py "$@"

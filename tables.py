@@ -1,0 +1,398 @@
+"""The paper's tables and Figure 2 from the run folders, ours beside the paper's numbers.
+
+    python tables.py --mode quick            # runs/quick  -> results/quick
+    python tables.py --mode paper            # runs/paper  -> results/paper
+
+Every run folder under --runs is read (config.json, metrics.json, log.csv), and each finished
+fine-tuning run is matched to the table cells of run_all.study() by what it is: data set, backbone,
+label fraction and where its weights came from (supervised from an init, or the pretraining run
+whose config.json sits beside the --weights file: CASS with its arm, pair, batch size, epochs,
+init, augmentations, CNN optimiser and head activation, or DINO with its architecture, batch size,
+epochs and init). The folder names do not matter. A cell shows the mean ± sample standard deviation
+(ddof=1, aggregate.py) over the seeds found, with n; "—" marks a cell with no finished run.
+
+The metric is the paper's for each data set (Appendix D.1): F1 (macro) for autoimmune, Dermofit and
+brain MRI, balanced accuracy for ISIC 2019; F1 (macro) for the synthetic miniature.
+Table 2 sums the per-epoch 'seconds' of log.csv: CASS = one run (both arms), DINO = its CNN run +
+its Transformer run, each the mean over the finished pretraining seeds.
+
+Outputs (written atomically) in --out: <table>.md and <table>.csv for each table, tables.md with
+all of them, and figures/fig2.png.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import paper_results as PR
+import run_all as RA
+from aggregate import aggregate
+from common import atomic_save_figure, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent
+DASH = "—"
+
+
+# ---------------------------------------------------------------- reading run folders
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _resolve(path: str, bases) -> Path:
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    for b in bases:
+        if (Path(b) / p).exists():
+            return Path(b) / p
+    return Path(bases[0]) / p
+
+
+def pretrain_key(cfg: dict):
+    """run_all's key of a pretraining run from its config.json (None if it is not one)."""
+    if "cnn" in cfg and "vit" in cfg:
+        return RA.Cass(cfg["data"], cfg["cnn"], cfg["vit"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"]),
+                       RA._aug_key(cfg.get("extra_aug", ())), cfg.get("cnn_opt", "adam"),
+                       cfg.get("head_act", "none")).key()
+    if "arch" in cfg and "out_dim" in cfg:
+        return RA.Dino(cfg["data"], cfg["arch"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"])).key()
+    return None
+
+
+def finetune_key(cfg: dict, bases):
+    """run_all's key of a fine-tuning run from its config.json, or None (not a fine-tuning run, a
+    frozen-feature evaluation, or weights whose pretraining folder is gone or unknown)."""
+    if "label_frac" not in cfg or "arch" not in cfg or cfg.get("eval", "finetune") != "finetune":
+        return None
+    frac = round(float(cfg["label_frac"]), 6)
+    w = cfg.get("weights")
+    if not w:
+        return (cfg["data"], cfg["arch"], frac, ("supervised", str(cfg.get("init", "imagenet"))), None)
+    wpath = _resolve(w, bases)
+    pcfg = _read_json(wpath.parent / "config.json")
+    src = pretrain_key(pcfg) if pcfg else None
+    if src is None:
+        return None
+    arm = wpath.name.split(".")[0] if src[0] == "cass" else None  # cnn | vit (cnn_last etc. never match)
+    return (cfg["data"], cfg["arch"], frac, src, arm)
+
+
+class Runs:
+    """Every run folder under `root`: fine-tuning runs by key, pretraining runs by key."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.bases = [Path.cwd(), ROOT, self.root.parent.parent, self.root.parent]
+        self.finetune, self.unfinished, self.pretrain = {}, {}, {}
+        for cfg_path in sorted(self.root.rglob("config.json")) if self.root.is_dir() else []:
+            d = cfg_path.parent
+            cfg = _read_json(cfg_path)
+            if not isinstance(cfg, dict):
+                continue
+            pk = pretrain_key(cfg)
+            if pk is not None:
+                self.pretrain.setdefault(pk, []).append(d)
+                continue
+            fk = finetune_key(cfg, self.bases)
+            if fk is None:
+                continue
+            target = self.finetune if (d / "metrics.json").is_file() else self.unfinished
+            target.setdefault(fk, []).append(d)
+
+    def cell(self, ft, metric):
+        """(mean, std, n) of `metric` over the finished runs of setting `ft`, or None; and the number
+        of unfinished run folders of that setting."""
+        key = ft.key()
+        dirs = self.finetune.get(key, [])
+        stat = aggregate(dirs, [metric]).get(metric) if dirs else None
+        return stat, len(self.unfinished.get(key, []))
+
+    def pretrain_seconds(self, src):
+        """Mean and std over the finished runs of a pretraining setting of the summed per-epoch seconds,
+        and n. A run counts when its weight files exist and its log has every epoch."""
+        totals = []
+        for d in self.pretrain.get(src.key(), []):
+            if not all((d / f).exists() for f in src.done_files()):
+                continue
+            rows = _read_log(d / "log.csv")
+            if rows is None or len(rows) < src.epochs:
+                continue
+            totals.append(sum(float(r["seconds"]) for r in rows))
+        if not totals:
+            return None
+        a = np.asarray(totals)
+        return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan"), len(a)
+
+
+def _read_log(path):
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt_stat(stat, unfinished=0, digits=4) -> str:
+    if stat is None:
+        return f"{DASH} (no run)" if not unfinished else f"{DASH} ({unfinished} unfinished)"
+    mean, std, n = stat
+    s = f"{mean:.{digits}f}" + ("" if std is None or math.isnan(std) else f" ± {std:.{digits}f}")
+    return s + f" (n={n})"
+
+
+def fmt_paper(p, quick: bool) -> str:
+    if quick:
+        return "n/a"
+    if p is None:
+        return DASH
+    mean, spread = p
+    return f"{_printed(mean)} ± {spread:g}"
+
+
+def _printed(x: float) -> str:
+    """A paper value with at least 4 decimals (0.865 -> 0.8650) but every printed digit kept (0.84252)."""
+    s = repr(float(x))
+    decimals = len(s.split(".")[1]) if "." in s and "e" not in s else 0
+    return s if decimals >= 4 else f"{x:.4f}"
+
+
+def fmt_seconds(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return DASH
+    s = float(s)
+    if s >= 3600:
+        return f"{int(s // 3600)} h {int(round(s % 3600 / 60))} min"
+    if s >= 60:
+        return f"{int(s // 60)} min {int(round(s % 60))} s"
+    return f"{s:.1f} s"
+
+
+def markdown_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def to_csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _num(x):
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.10g}"
+
+
+# ---------------------------------------------------------------- building tables
+
+def build_cells_table(td, runs: Runs, quick: bool):
+    """Main, ablation and supervised tables: rows x columns of (ours, paper). Returns
+    (markdown, csv, filled, total)."""
+    rows, cols = [], []
+    for c in td.cells:
+        if c.row not in rows:
+            rows.append(c.row)
+        if c.col not in cols:
+            cols.append(c.col)
+    grid = {(c.row, c.col): c for c in td.cells}
+    header = ["Method (backbone)" if td.kind == "main" else "Setting"]
+    for col in cols:
+        header += [f"{col} ours", f"{col} paper"]
+    md_rows, csv_rows, filled = [], [], 0
+    for r in rows:
+        line = [r]
+        for col in cols:
+            c = grid.get((r, col))
+            if c is None:
+                line += ["", ""]
+                continue
+            stat, unfinished = runs.cell(c.ft, td.metric)
+            filled += stat is not None
+            line += [fmt_stat(stat, unfinished), fmt_paper(c.paper, quick)]
+            mean, std, n = stat if stat else (None, None, 0)
+            csv_rows.append([td.name, td.data, td.metric, r, col, c.ft.method, c.ft.arch, c.ft.frac,
+                             _num(mean), _num(std), n, unfinished,
+                             "" if quick or c.paper is None else _num(c.paper[0]),
+                             "" if quick or c.paper is None else _num(c.paper[1])])
+        md_rows.append(line)
+    csv_header = ["table", "data", "metric", "row", "column", "method", "arch", "label_frac", "ours_mean",
+                  "ours_std", "ours_n", "ours_unfinished", "paper_mean", "paper_spread"]
+    return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
+
+
+def build_time_table(td, runs: Runs, quick: bool):
+    header = ["Data set", "CASS ours", "DINO ours (CNN + Transformer)", "CASS time saved ours",
+              "CASS paper", "DINO paper", "CASS time saved paper"]
+    md_rows, csv_rows, filled = [], [], 0
+    for data, cass, dcnn, dvit, paper in td.sources:
+        c, a, b = runs.pretrain_seconds(cass), runs.pretrain_seconds(dcnn), runs.pretrain_seconds(dvit)
+        dino = (a[0] + b[0]) if a and b else None
+        saved = f"{(1 - c[0] / dino) * 100:.0f}%" if c and dino else DASH
+        filled += c is not None and dino is not None
+        n = lambda s: f" (n={s[2]})" if s else ""  # noqa: E731
+        dino_txt = (f"{fmt_seconds(dino)} ({fmt_seconds(a[0])} + {fmt_seconds(b[0])})" if dino else
+                    (f"{DASH} (CNN {fmt_seconds(a[0]) if a else 'no run'}, "
+                     f"Transformer {fmt_seconds(b[0]) if b else 'no run'})"))
+        p_cass, p_dino = (paper["cass"], paper["dino"]) if paper else (None, None)
+        md_rows.append([data, (fmt_seconds(c[0]) + n(c)) if c else f"{DASH} (no run)", dino_txt + n(a if a else b),
+                        saved, "n/a" if quick else fmt_seconds(p_cass), "n/a" if quick else fmt_seconds(p_dino),
+                        "n/a" if quick else (f"{(1 - p_cass / p_dino) * 100:.0f}%" if paper else DASH)])
+        csv_rows.append([td.name, data, _num(c[0] if c else None), c[2] if c else 0, _num(a[0] if a else None),
+                         _num(b[0] if b else None), _num(dino), "" if quick else _num(p_cass),
+                         "" if quick else _num(p_dino)])
+    csv_header = ["table", "data", "cass_seconds", "cass_n", "dino_cnn_seconds", "dino_vit_seconds",
+                  "dino_seconds", "paper_cass_seconds", "paper_dino_seconds"]
+    return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.sources)
+
+
+def figure2_data(td, runs: Runs):
+    """{sweep: {series: [(x, mean, std, n)]}} for sweep 'epochs' / 'bs', series 'CASS cnn' etc."""
+    out = {}
+    for c in td.cells:
+        sweep, x = c.row.split("=")
+        stat, _ = runs.cell(c.ft, td.metric)
+        if stat is not None:
+            out.setdefault(sweep, {}).setdefault(c.col, []).append((int(x), *stat))
+    return out
+
+
+def mean_variance(series: dict, method: str):
+    """The paper's 'mean variance': the variance over the settings of each backbone's mean
+    performance, averaged over the backbones (those with at least two settings)."""
+    v = [np.var([p[1] for p in pts]) for name, pts in series.items() if name.startswith(method) and len(pts) > 1]
+    return float(np.mean(v)) if v else None
+
+
+def build_figure2(td, runs: Runs, out_png: Path, quick: bool, arch_names):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = figure2_data(td, runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"CASS cnn": ("tab:red", "o", "-"), "CASS vit": ("tab:red", "s", "--"),
+              "DINO cnn": ("tab:blue", "o", "-"), "DINO vit": ("tab:blue", "s", "--")}
+    md_rows, csv_rows = [], []
+    for ax, (sweep, xlabel) in zip(axes, (("epochs", "pretraining epochs"), ("bs", "pretraining batch size"))):
+        series = data.get(sweep, {})
+        for name in styles:
+            pts = sorted(series.get(name, []))
+            if not pts:
+                continue
+            color, marker, ls = styles[name]
+            method, arm = name.split()
+            x, m, s = [p[0] for p in pts], [p[1] for p in pts], [0 if math.isnan(p[2]) else p[2] for p in pts]
+            ax.errorbar(x, m, yerr=s, color=color, marker=marker, linestyle=ls, capsize=3,
+                        label=f"{method} {arch_names[arm]}")
+            for p in pts:
+                md_rows.append([sweep, p[0], f"{method} {arch_names[arm]}", fmt_stat(p[1:])])
+                csv_rows.append([sweep, p[0], method, arm, _num(p[1]), _num(p[2]), p[3]])
+        ax.set_xlabel(xlabel)
+        xs = sorted({p[0] for pts in series.values() for p in pts})
+        if xs:
+            ax.set_xticks(xs)
+        ax.set_ylabel(PR.METRIC_LABEL.get(td.metric, td.metric) + " (100% labels)")
+        if series:
+            ax.legend(fontsize=8)
+            mv = {m: mean_variance(series, m) for m in ("CASS", "DINO")}
+            txt = "mean variance ours: " + ", ".join(f"{m} {v:.3g}" if v is not None else f"{m} {DASH}"
+                                                       for m, v in mv.items())
+            if not quick:
+                pv = PR.FIGURE2_MEAN_VARIANCE["epochs" if sweep == "epochs" else "batch_size"]
+                txt += f"\npaper: CASS {pv['cass']:.3g}, DINO {pv['dino']:.3g}"
+            ax.text(0.02, 0.02, txt, transform=ax.transAxes, fontsize=7, va="bottom")
+        else:
+            ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    title = f"Figure 2: {td.title} — {td.data}"
+    if td.note:
+        title += "\n" + td.note
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(out_png, fig)
+    plt.close(fig)
+    md = markdown_table(["sweep", "value", "method (backbone)", "ours"], md_rows) if md_rows else \
+        "_No finished runs for this figure yet._"
+    return md, to_csv(["sweep", "value", "method", "arm", "mean", "std", "n"], csv_rows), len(md_rows), len(td.cells)
+
+
+# ---------------------------------------------------------------- main
+
+def build_all(mode: str, runs_dir, out_dir, prof=None):
+    """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
+    prof = prof or RA.PROFILES[mode]
+    quick = mode == "quick"
+    out_dir = Path(out_dir)
+    runs = Runs(runs_dir)
+    arch_names = {"cnn": RA.label(prof.cnn), "vit": RA.label(prof.vit)}
+    sections, summary = [], {}
+    for name, td in RA.study(prof).items():
+        if td.kind == "maps":
+            continue
+        if td.kind == "time":
+            md, cs, filled, total = build_time_table(td, runs, quick)
+        elif td.kind == "figure2":
+            md, cs, filled, total = build_figure2(td, runs, out_dir / "figures" / f"{name}.png", quick, arch_names)
+            md += f"\n\n![{name}](figures/{name}.png)"
+        else:
+            md, cs, filled, total = build_cells_table(td, runs, quick)
+        summary[name] = (filled, total)
+        head = f"## {name}: {td.title}\n\n"
+        if td.kind not in ("time", "figure2"):
+            head += (f"Metric: {PR.METRIC_LABEL.get(td.metric, td.metric)} on the test split, mean ± sample std "
+                     f"(ddof=1) over seeds, n = finished runs. ")
+            head += ("Paper column: n/a (the paper has no synthetic data).\n\n" if quick else
+                     "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1).\n\n")
+        elif td.kind == "time":
+            head += ("Sum of the per-epoch `seconds` in log.csv (mean over finished pretraining seeds); DINO = its "
+                     "CNN run + its Transformer run, as the paper's Table 2. " +
+                     ("Paper: n/a.\n\n" if quick else f"Paper: {PR.TABLE2_NOTE}; ours: whatever hardware ran "
+                      "them.\n\n"))
+        if td.note:
+            head += td.note + "\n\n"
+        section = head + md + "\n"
+        atomic_write_text(out_dir / f"{name}.md", "#" + section.lstrip("#"))
+        atomic_write_text(out_dir / f"{name}.csv", cs)
+        sections.append(section)
+    banner = (f"# Results ({mode} mode)\n\n" + (
+        "**Synthetic-data miniature.** Small backbones (ResNet-18, ViT-Ti/16) at 32 px, random init, a few epochs "
+        "on CPU, on the embedded synthetic microscopy data. These numbers test that the pipeline runs end to end; "
+        "they do NOT reproduce the paper's numbers, and the paper has no synthetic data (its columns are n/a).\n\n"
+        if quick else
+        "Our runs on the paper's data sets beside the numbers the paper prints. \"—\" marks cells with no finished "
+        "run.\n\n") + f"Generated by `python tables.py --mode {mode}` from `{runs_dir}`.\n\n")
+    atomic_write_text(out_dir / "tables.md", banner + "\n".join(sections))
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=sorted(RA.PROFILES), default="quick")
+    p.add_argument("--runs", default=None, help="folder of run folders (default runs/<mode>)")
+    p.add_argument("--out", default=None, help="output folder (default results/<mode>)")
+    args = p.parse_args(argv)
+    runs_dir = args.runs or f"runs/{args.mode}"
+    out = Path(args.out or f"results/{args.mode}")
+    if not Path(runs_dir).is_dir():
+        print(f"note: {runs_dir} does not exist yet; every cell is marked '{DASH} (no run)'", file=sys.stderr)
+    summary = build_all(args.mode, runs_dir, out)
+    for name, (filled, total) in summary.items():
+        print(f"  {name:28s} {filled}/{total} cells with runs")
+    print(f"tables written to {out}/ (all in {out / 'tables.md'})")
+
+
+if __name__ == "__main__":
+    main()

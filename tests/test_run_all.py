@@ -1,0 +1,188 @@
+"""run_all.sh lists its plan without running anything (--dry-run / DRY_RUN=1), for the quick mode and
+for a paper table whose data root is given; tables without data are skipped with a message; runs
+whose metrics.json (fine-tuning) or weight files (pretraining) exist are skipped."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import run_all as RA
+from conftest import ROOT
+
+
+def run_all(*args, env_extra=None, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("ISIC_ROOT", "BRAIN_MRI_ROOT", "DERMOFIT_ROOT",
+                                                           "AUTOIMMUNE_CSV", "DRY_RUN")}
+    env.update(env_extra or {})
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), *map(str, args)], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def todo_lines(stdout):
+    return [ln for ln in stdout.splitlines() if ln.startswith("[todo")]
+
+
+def test_quick_dry_run_lists_the_plan_and_runs_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_all("quick", "--dry-run", "--runs", runs, "--results", tmp_path / "res")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "dry run: nothing was run" in out
+    n_runs = len(todo_lines(out))
+    # both data sets: CASS once each, DINO for both backbones, 3 methods x 2 backbones x 2 fractions x seeds
+    seeds = len(RA.QUICK.seeds_for("synthetic")) + len(RA.QUICK.seeds_for("synthetic-multilabel"))
+    assert n_runs == 2 * (1 + 2) + 12 * seeds
+    assert f"{n_runs} runs left" in out
+    assert out.count("pretrain_cass.py --data synthetic ") == 1
+    assert "pretrain_cass.py --data synthetic-multilabel" in out
+    assert "pretrain_dino.py --data synthetic --arch resnet18" in out
+    assert "pretrain_dino.py --data synthetic --arch vit_tiny_patch16_224" in out
+    assert "--label-frac 0.1" in out and "--label-frac 1 " in out and "--init random" in out
+    assert "attention_maps.py" in out and "tables.py --mode quick" in out
+    assert not runs.exists() and not (tmp_path / "res").exists()
+    # every fine-tuning of pretrained weights comes after the run that makes them
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    for i, ln in enumerate(lines):
+        if "--weights" in ln:
+            w = ln.split("--weights ")[1].split()[0]
+            maker = str(Path(w).parent)
+            script = "finetune.py" if "attention_maps.py" in ln else "pretrain_"
+            assert any(f"--out {maker} " in prev for prev in lines[:i] if script in prev), ln
+
+
+def test_dry_run_env_variable(tmp_path):
+    proc = run_all("quick", "--runs", tmp_path / "runs", env_extra={"DRY_RUN": "1"})
+    assert proc.returncode == 0 and "dry run: nothing was run" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_paper_table_with_its_data_root(tmp_path):
+    isic = tmp_path / "isic"
+    isic.mkdir()
+    proc = run_all("paper", "table5", "--dry-run", "--runs", tmp_path / "runs", env_extra={"ISIC_ROOT": str(isic)})
+    assert proc.returncode == 0, proc.stderr
+    todo = todo_lines(proc.stdout)
+    # 1 CASS + 2 DINO pretraining runs per pretraining seed (5), 3 methods x 2 backbones x 3 fractions x 5 seeds
+    assert len(todo) == 5 * 3 + 90
+    assert all(f"--data isic2019 --data-root {isic}" in ln for ln in todo)
+    text = proc.stdout
+    assert "--cnn resnet50 --vit vit_base_patch16_384 --bs 16 --epochs 100 --init imagenet" in text
+    assert "--label-frac 0.01" in text and "--seed 4" in text
+    assert "pretrain_cass.py" in text and "pretrain_dino.py --data isic2019" in text
+
+
+def test_paper_tables_without_data_are_skipped_with_a_message(tmp_path):
+    proc = run_all("paper", "table1", "table7", "--dry-run", "--runs", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    assert "table1: skipped, data set autoimmune not given (set AUTOIMMUNE_CSV=" in proc.stdout
+    assert "table7: skipped" in proc.stdout
+    assert todo_lines(proc.stdout) == [] and "0 runs left" in proc.stdout
+
+
+def test_paper_ablation_plan(tmp_path):
+    csv = tmp_path / "auto.csv"
+    csv.write_text("path,a\n")
+    proc = run_all("paper", "table10", "table16", "--dry-run", "--seeds", "2", "--runs", tmp_path / "runs",
+                   "--autoimmune-csv", csv)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "--cnn-opt sgd" in text and f"--data autoimmune --data-root {csv}" in text
+    # ResNet-200 has no ImageNet weights in timm: random init, as the paper
+    assert "--arch resnet200 --label-frac 1 --seed 0 --init random" in text
+    assert "--arch resnet18 --label-frac 1 --seed 0 --init imagenet" in text
+
+
+def test_plan_skips_finished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    prof = RA.replace(RA.QUICK, runs_dir=str(runs))
+    jobs = RA.plan(prof, list(RA.study(prof)), {}, log=lambda *a: None)
+    cass = next(j for j in jobs if j.kind == "cass")
+    ft = next(j for j in jobs if j.kind == "finetune" and "--weights" in j.argv)
+    # a finished fine-tuning run and a finished CASS pretraining run
+    ft.out.mkdir(parents=True)
+    (ft.out / "metrics.json").write_text("{}")
+    cass.out.mkdir(parents=True)
+    for f in ("cnn.safetensors", "vit.safetensors"):
+        (cass.out / f).write_bytes(b"")
+    # a half-done fine-tuning run (no metrics.json) still counts as to do
+    other = next(j for j in jobs if j.kind == "finetune" and j is not ft)
+    other.out.mkdir(parents=True)
+    (other.out / "checkpoint.pt").write_bytes(b"")
+
+    proc = run_all("quick", "--dry-run", "--runs", runs)
+    assert proc.returncode == 0, proc.stderr
+    done = [ln for ln in proc.stdout.splitlines() if ln.startswith("[done")]
+    assert len(done) == 2
+    assert any(f"--out {ft.out} " in ln for ln in done) and any(f"--out {cass.out} " in ln for ln in done)
+    total = 2 * (1 + 2) + 12 * (len(RA.QUICK.seeds_for("synthetic")) + len(RA.QUICK.seeds_for("synthetic-multilabel")))
+    assert f"{total - 2} runs left" in proc.stdout and "2 done" in proc.stdout
+    assert not any(f"--out {other.out} " in ln for ln in done)
+
+
+def test_unknown_table_and_quick_with_tables_are_refused(tmp_path):
+    proc = run_all("paper", "table99", "--dry-run")
+    assert proc.returncode == 2 and "unknown table" in proc.stderr
+    proc = run_all("quick", "table1", "--dry-run")
+    assert proc.returncode == 2
+
+
+def test_pretrain_seed_pairing():
+    assert [RA.pretrain_seed(RA.QUICK, s) for s in RA.QUICK.seeds] == [0] * len(RA.QUICK.seeds)
+    assert [RA.pretrain_seed(RA.PAPER, s) for s in RA.PAPER.seeds] == [0, 1, 2, 3, 4]
+
+
+def test_every_paper_table_is_planned_when_all_roots_are_set(tmp_path):
+    roots = {d: str(tmp_path) for d in RA.DATA_ROOTS}
+    prof = RA.replace(RA.PAPER, runs_dir=str(tmp_path / "runs"))
+    msgs = []
+    jobs = RA.plan(prof, list(RA.study(prof)), roots, log=msgs.append)
+    assert msgs == []
+    outs = [str(j.out) for j in jobs]
+    assert len(outs) == len(set(outs))  # every run once, shared settings deduplicated
+    archs = " ".join(" ".join(j.argv) for j in jobs if j.kind == "cass")
+    for a in ("densenet161", "swin_base_patch4_window12_384", "vit_large_patch16_384", "deit_base_patch16_384",
+              "resnet200", "resnet18", "--extra-aug blur,solarize", "--head-act softmax", "--bs 8", "--epochs 300"):
+        assert a in archs, a
+    assert sum(j.kind == "maps" for j in jobs) == 4
+
+
+FAKE_SCRIPT = '''
+import sys, time
+from pathlib import Path
+from common import UserError
+
+def main(argv):
+    out, action = Path(argv[0]), argv[1]
+    print("working on", out)
+    if action == "fail":
+        time.sleep(3)  # outlasts the other jobs, which then all finish before the sweep stops
+        raise UserError("this run fails on purpose")
+    time.sleep(0.2)
+    (out / "result.txt").write_text(" ".join(argv))
+    print("fake done", out.name)
+'''
+
+
+def test_execute_orders_by_needs_reports_failures_and_resumes(tmp_path, monkeypatch):
+    """The runner on fake jobs (a module imported by the worker processes): a job waits for the file
+    it needs, a failure is reported with the tail of its log and stops the sweep, and running the
+    same plan again skips what is done."""
+    (tmp_path / "fakejob.py").write_text(FAKE_SCRIPT)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit the parent's sys.path
+    a, b, c, d = (tmp_path / n for n in "abcd")
+
+    def job(out, action, needs=()):
+        return RA.Job("finetune", out, ["fakejob.py", str(out), action], done=("result.txt",), needs=needs)
+
+    jobs = [job(b, "ok", needs=(a / "result.txt",)), job(a, "ok"), job(c, "fail"), job(d, "ok", needs=(c / "x",))]
+    failed = RA.execute(jobs, 2, verbose=False, keep_going=False, t0=0)
+    assert [j.out for j in failed] == [c]
+    assert (a / "result.txt").exists() and (b / "result.txt").exists() and not (d / "result.txt").exists()
+    assert "this run fails on purpose" in (c / "run_all.log").read_text()
+    assert "fake done a" in (a / "run_all.log").read_text()
+    # again, with the failing job fixed: only c and d run
+    jobs[2] = job(c, "ok")
+    jobs[3] = job(d, "ok", needs=(c / "result.txt",))
+    before = (a / "run_all.log").read_text()
+    assert RA.execute(jobs, 2, verbose=False, keep_going=False, t0=0) == []
+    assert (d / "result.txt").exists() and (a / "run_all.log").read_text() == before

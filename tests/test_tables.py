@@ -1,0 +1,235 @@
+"""tables.py on run folders written by hand in a temporary directory: cells are matched by what the
+runs are (config.json), means and sample standard deviations over seeds, missing and unfinished
+cells marked, the paper's column, Table 2 times summed from log.csv, Figure 2 drawn."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import paper_results as PR
+import run_all as RA
+import tables
+
+
+# ---------------------------------------------------------------- fake run folders
+
+def write_run(d: Path, config: dict, metrics: dict = None, log_seconds=None, files=()):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    if log_seconds is not None:
+        lines = ["epoch,loss,seconds"] + [f"{i},0.5,{s}" for i, s in enumerate(log_seconds)]
+        (d / "log.csv").write_text("\n".join(lines) + "\n")
+    for f in files:
+        (d / f).write_bytes(b"")
+    return d
+
+
+def cass_config(data, cnn="resnet18", vit="vit_tiny_patch16_224", bs=32, epochs=3, init="random", **kw):
+    cfg = {"data": data, "cnn": cnn, "vit": vit, "bs": bs, "epochs": epochs, "init": init, "extra_aug": [],
+           "cnn_opt": "adam", "head_act": "none", "seed": 0, "img_size": 32, "lr": 1e-3, "t_max": 16}
+    cfg.update(kw)
+    return cfg
+
+
+def dino_config(data, arch, bs=32, epochs=3, init="random", seed=0):
+    return {"data": data, "arch": arch, "bs": bs, "epochs": epochs, "init": init, "out_dim": 1024, "seed": seed,
+            "img_size": 32}
+
+
+def ft_config(data, arch, frac, seed, weights=None, init="random"):
+    return {"data": data, "arch": arch, "label_frac": frac, "seed": seed, "weights": weights, "init": init,
+            "eval": "finetune", "img_size": 32, "epochs": 3}
+
+
+def metrics(f1, bacc=None):
+    return {"f1_macro": f1, "f1_micro": f1, "f1_weighted": f1, "balanced_accuracy": f1 if bacc is None else bacc,
+            "best_epoch": 2}
+
+
+def read_md_row(md_text: str, label: str) -> list:
+    for line in md_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"row {label!r} not in\n{md_text}")
+
+
+@pytest.fixture()
+def quick_runs(tmp_path):
+    """A quick-mode runs folder: supervised ResNet-18 at 10% with two seeds, a CASS pretraining run
+    with its CNN arm fine-tuned at 100% (one seed) and one unfinished, DINO runs for Table 2, an
+    ablation-like CASS run (SGD) that must not leak into the main table, and an unrelated folder."""
+    runs = tmp_path / "runs" / "quick"
+    syn = runs / "synthetic"
+    write_run(syn / "ft" / "sup-r18-0.1-seed0", ft_config("synthetic", "resnet18", 0.1, 0), metrics(0.5))
+    write_run(syn / "ft" / "sup-r18-0.1-seed1", ft_config("synthetic", "resnet18", 0.1, 1), metrics(0.7))
+    cass = write_run(syn / "cass" / "a", cass_config("synthetic"), log_seconds=[10, 20, 30],
+                     files=("cnn.safetensors", "vit.safetensors"))
+    write_run(syn / "ft" / "cass-cnn-1-seed0",
+              ft_config("synthetic", "resnet18", 1.0, 0, weights=str(cass / "cnn.safetensors")), metrics(0.9))
+    write_run(syn / "ft" / "cass-vit-1-seed0",  # still running: no metrics.json
+              ft_config("synthetic", "vit_tiny_patch16_224", 1.0, 0, weights=str(cass / "vit.safetensors")))
+    write_run(syn / "dino" / "r18", dino_config("synthetic", "resnet18"), log_seconds=[50, 50, 50],
+              files=("backbone.safetensors",))
+    write_run(syn / "dino" / "vit", dino_config("synthetic", "vit_tiny_patch16_224"), log_seconds=[40, 40, 40],
+              files=("backbone.safetensors",))
+    sgd = write_run(syn / "cass" / "sgd", cass_config("synthetic", cnn_opt="sgd"), log_seconds=[1, 1, 1],
+                    files=("cnn.safetensors", "vit.safetensors"))
+    write_run(syn / "ft" / "cass-sgd-cnn-1-seed0",
+              ft_config("synthetic", "resnet18", 1.0, 0, weights=str(sgd / "cnn.safetensors")), metrics(0.1))
+    (runs / "splits").mkdir(parents=True)
+    (runs / "splits" / "x.json").write_text("{}")
+    return runs
+
+
+def test_quick_tables_means_std_missing_and_paper_na(quick_runs, tmp_path):
+    out = tmp_path / "results"
+    summary = tables.build_all("quick", quick_runs, out)
+    md = (out / "quick_synthetic.md").read_text()
+    # two seeds: mean 0.6, sample std (ddof=1) of (0.5, 0.7) = 0.1414
+    row = read_md_row(md, "Supervised (ResNet-18)")
+    assert row[1] == "0.6000 ± 0.1414 (n=2)"
+    assert row[2] == "n/a"  # the paper has no synthetic data
+    assert row[3] == "— (no run)"  # supervised 100%: no run
+    # one seed: no std; the SGD variant (0.1) does not leak into the default CASS cell
+    row = read_md_row(md, "CASS (ResNet-18)")
+    assert row[3] == "0.9000 (n=1)" and row[1] == "— (no run)"
+    # a run folder without metrics.json is counted as unfinished
+    assert read_md_row(md, "CASS (ViT-Ti/16)")[3] == "— (1 unfinished)"
+    assert read_md_row(md, "DINO (ResNet-18)")[1] == "— (no run)"
+    assert summary["quick_synthetic"] == (2, 12)
+    assert summary["quick_synthetic_multilabel"] == (0, 12)
+    # CSV: the same numbers, machine-readable
+    rows = list(csv.DictReader(open(out / "quick_synthetic.csv")))
+    sup = next(r for r in rows if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%")
+    assert float(sup["ours_mean"]) == pytest.approx(0.6) and float(sup["ours_std"]) == pytest.approx(math.sqrt(0.02))
+    assert sup["ours_n"] == "2" and sup["paper_mean"] == ""
+    all_md = (out / "tables.md").read_text()
+    assert "do NOT reproduce the paper" in all_md and "quick_synthetic_multilabel" in all_md
+
+
+def test_table2_times_summed_from_logs(quick_runs, tmp_path):
+    out = tmp_path / "results"
+    tables.build_all("quick", quick_runs, out)
+    row = read_md_row((out / "quick_time.md").read_text(), "synthetic")
+    assert row[1] == "1 min 0 s (n=1)"  # 10 + 20 + 30 s
+    assert row[2].startswith("4 min 30 s (2 min 30 s + 2 min 0 s)")  # DINO CNN 150 s + ViT 120 s
+    assert row[3] == "78%"  # 1 - 60 / 270
+    rows = list(csv.DictReader(open(out / "quick_time.csv")))
+    syn = next(r for r in rows if r["data"] == "synthetic")
+    assert float(syn["cass_seconds"]) == 60 and float(syn["dino_seconds"]) == 270
+    # a pretraining run without its weight files (unfinished) is not timed
+    assert read_md_row((out / "quick_time.md").read_text(), "synthetic-multilabel")[1] == "— (no run)"
+
+
+def test_unfinished_pretraining_is_not_timed(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "cass", cass_config("synthetic"), log_seconds=[10, 20])  # 2 of 3 epochs, no weights
+    t = tables.Runs(runs)
+    assert t.pretrain_seconds(RA.default_cass(RA.QUICK, "synthetic")) is None
+
+
+def test_paper_tables_show_paper_numbers_and_match_runs(tmp_path):
+    runs = tmp_path / "runs" / "paper"
+    auto = runs / "autoimmune"
+    base = dict(cnn="resnet50", vit="vit_base_patch16_384", bs=16, epochs=100, init="imagenet")
+    cass = write_run(auto / "cass" / "default", cass_config("autoimmune", **base), log_seconds=[12.0] * 100,
+                     files=("cnn.safetensors", "vit.safetensors"))
+    for seed, f1 in enumerate((0.86, 0.87, 0.88)):
+        write_run(auto / "ft" / f"vit-{seed}", ft_config("autoimmune", "vit_base_patch16_384", 1.0, seed,
+                                                         weights=str(cass / "vit.safetensors")), metrics(f1))
+    sgd = write_run(auto / "cass" / "sgd", cass_config("autoimmune", cnn_opt="sgd", **base),
+                    files=("cnn.safetensors", "vit.safetensors"))
+    write_run(auto / "ft" / "sgd-cnn", ft_config("autoimmune", "resnet50", 1.0, 0,
+                                                 weights=str(sgd / "cnn.safetensors")), metrics(0.8))
+    write_run(auto / "ft" / "sup-r50", ft_config("autoimmune", "resnet50", 1.0, 0, init="imagenet"), metrics(0.84))
+    isic = runs / "isic2019"
+    write_run(isic / "ft" / "sup", ft_config("isic2019", "resnet50", 0.01, 0, init="imagenet"),
+              metrics(0.9, bacc=0.3))
+    out = tmp_path / "results"
+    tables.build_all("paper", runs, out)
+
+    t1 = (out / "table1.md").read_text()
+    row = read_md_row(t1, "CASS (ViT-B/16)")
+    assert row[3] == "0.8700 ± 0.0100 (n=3)"
+    assert row[4] == "0.8894 ± 0.005"  # the paper's number beside ours
+    assert read_md_row(t1, "DINO (ResNet-50)")[2] == "0.8237 ± 0.001"
+    assert read_md_row(t1, "Supervised (ResNet-50)")[3] == "0.8400 (n=1)"
+    assert "10% ours" in t1 and "100% paper" in t1
+    # ablations: the SGD run lands in Table 10's SGD row only; Table 9's default row is the main run
+    t10 = (out / "table10.md").read_text()
+    assert read_md_row(t10, "SGD")[1] == "0.8000 (n=1)" and read_md_row(t10, "SGD")[2] == "0.8648 ± 0.0005"
+    assert read_md_row(t10, "Adam")[1] == "— (no run)" and read_md_row(t10, "Adam")[3] == "0.8700 ± 0.0100 (n=3)"
+    assert read_md_row((out / "table13.md").read_text(), "ResNet-50")[1] == "0.8400 (n=1)"
+    # ISIC 2019 uses balanced accuracy
+    t5 = (out / "table5.md").read_text()
+    assert "balanced accuracy" in t5 and read_md_row(t5, "Supervised (ResNet-50)")[1] == "0.3000 (n=1)"
+    # every table of the paper is written, with the paper's numbers
+    for i in range(1, 22):
+        assert (out / f"table{i}.md").is_file() and (out / f"table{i}.csv").is_file()
+    assert "0.9091 ± 8.2e-05" in (out / "table7.md").read_text()
+    t2 = (out / "table2.md").read_text()
+    assert read_md_row(t2, "autoimmune")[1] == "20 min 0 s (n=1)"  # 100 x 12 s
+    assert read_md_row(t2, "autoimmune")[4] == "21 min 0 s" and read_md_row(t2, "autoimmune")[5] == "1 h 13 min"
+    assert read_md_row(t2, "isic2019")[5] == "109 h 21 min"
+    assert (out / "figures" / "fig2.png").stat().st_size > 1000
+
+
+def test_figure2_draws_what_exists(tmp_path):
+    runs = tmp_path / "runs" / "paper" / "autoimmune"
+    for epochs, f1s in ((50, (0.80, 0.82)), (100, (0.85, 0.86))):
+        c = write_run(runs / f"cass{epochs}", cass_config("autoimmune", "resnet50", "vit_base_patch16_384", 16,
+                                                           epochs, "imagenet"), files=("cnn.safetensors",))
+        for seed, f1 in enumerate(f1s):
+            write_run(runs / f"ft{epochs}-{seed}", ft_config("autoimmune", "resnet50", 1.0, seed,
+                                                             weights=str(c / "cnn.safetensors")), metrics(f1))
+    td = RA.study(RA.PAPER)["fig2"]
+    data = tables.figure2_data(td, tables.Runs(tmp_path / "runs"))
+    pts = sorted(data["epochs"]["CASS cnn"])
+    assert [p[0] for p in pts] == [50, 100] and pts[0][1] == pytest.approx(0.81) and pts[0][3] == 2
+    assert "DINO cnn" not in data.get("epochs", {})
+    # paper's "mean variance": variance over the settings of the means (one backbone here)
+    assert tables.mean_variance(data["epochs"], "CASS") == pytest.approx(((0.855 - 0.81) / 2) ** 2)
+    out = tmp_path / "fig2.png"
+    tables.build_figure2(td, tables.Runs(tmp_path / "runs"), out, quick=False, arch_names={"cnn": "R50", "vit": "V"})
+    assert out.stat().st_size > 1000
+
+
+def test_relative_weight_paths_resolve_from_the_repository_layout(tmp_path, monkeypatch):
+    """run_all.py writes --weights relative to the repository root (runs/<mode>/...)."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "quick"
+    write_run(runs / "synthetic" / "cass" / "x", cass_config("synthetic"), files=("cnn.safetensors",))
+    write_run(runs / "synthetic" / "ft" / "y",
+              ft_config("synthetic", "resnet18", 0.1, 0, weights="runs/quick/synthetic/cass/x/cnn.safetensors"),
+              metrics(0.4))
+    stat, _ = tables.Runs(runs).cell(RA.main_cells(RA.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
+    assert stat[0] == pytest.approx(0.4)
+
+
+def test_paper_results_are_complete():
+    assert set(PR.MAIN) == {"table1", "table3", "table4", "table5"}
+    assert set(PR.ABLATION) == {f"table{i}" for i in range(6, 22)}
+    for name, spec in PR.MAIN.items():
+        for cells in spec["cells"].values():
+            assert set(cells) == set(spec["fracs"])
+    assert PR.main_cell("table4", "cass", "vit", 0.01) == (0.3345, 0.11)
+    assert PR.TABLE2["autoimmune"] == {"dino": 73 * 60, "cass": 21 * 60}
+    # every paper cell of the study's tables has a number (no typo in the row labels)
+    for name, td in RA.study(RA.PAPER).items():
+        if td.kind in ("main", "ablation", "supervised"):
+            assert all(c.paper is not None for c in td.cells), name
+
+
+def test_cli_writes_into_out(tmp_path):
+    from conftest import run_script
+    proc = run_script("tables.py", "--mode", "quick", "--runs", tmp_path / "none", "--out", tmp_path / "res",
+                      cwd=tmp_path)
+    assert "tables written to" in proc.stdout
+    assert (tmp_path / "res" / "quick_synthetic.md").is_file()
+    assert (tmp_path / "res" / "figures" / "quick_fig2.png").is_file()
