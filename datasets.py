@@ -619,7 +619,7 @@ def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=Non
     return loader
 
 
-def load_data(args, parts=("train", "val", "test"), cache_size=None, cache_part=None):
+def load_data(args, cache_size=None, cache_part=None):
     """The table and the split for the shared --data/--data-root/--split-file flags.
 
     Data sets read from image files are decoded once into the decoded-image cache (`cached_table`,
