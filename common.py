@@ -18,12 +18,31 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
 
 
+class Interrupted(Exception):
+    """The run stopped on SIGTERM / SIGINT after saving a checkpoint; exit status 128 + signal."""
+
+    def __init__(self, signum: int, msg: str):
+        super().__init__(msg)
+        self.signum = signum
+
+
 def run_cli(main):
     """Call main(); turn a UserError into a one-line message and a non-zero exit.
 
-    Set CASS_DEBUG=1 to see the full traceback instead."""
+    Also one line each: a stop on SIGTERM / Ctrl-C (exit 128 + signal number, as a shell reports a
+    signal), an interrupt before training started (exit 130) and running out of memory (exit 3,
+    with the --bs of the run). Set CASS_DEBUG=1 to see the full traceback instead."""
     try:
         main()
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        if os.environ.get("CASS_DEBUG"):
+            raise
+        print("error: interrupted (Ctrl-C) before a checkpoint could be saved; outputs written so far are "
+              "complete, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         if os.environ.get("CASS_DEBUG"):
             raise
@@ -31,6 +50,26 @@ def run_cli(main):
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         print(f"error: {msg.removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+        if not oom or os.environ.get("CASS_DEBUG"):
+            raise
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        print(f"error: out of {where} memory at --bs {_flag_value('--bs') or '(the default)'}: try a smaller "
+              f"--bs or --img-size (that is a new run: give it another --out, or --force); the output folder "
+              f"keeps its last complete checkpoint ({str(e).strip().splitlines()[0][:100]})", file=sys.stderr)
+        sys.exit(3)
+
+
+def _flag_value(flag):
+    """The value given to `flag` on the command line, or None (for messages printed outside main)."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="imagenet"):
@@ -53,6 +92,11 @@ def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="i
                         "transforms run batched on the GPU, same distributions as the CPU path but not the same "
                         "pixels. Default: on with CUDA when the images are in an array (cache or synthetic), "
                         "off on the CPU (where --gpu-aug runs the same code on CPU tensors)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that cannot be read (corrupt, truncated, not an image) and "
+                        "list them, instead of stopping at the first one; they are found before training "
+                        "starts (while the decoded-image cache is built, or by a check of every file with "
+                        "--no-cache) and dropped from every split part")
     g.add_argument("--split-file", default=None,
                    help="JSON file of train/val/test ids; default runs/splits/<data>-<fingerprint>.json, "
                         "created on first use and reused by every later script and seed")
@@ -153,11 +197,10 @@ def atomic_save_figure(path, fig):
 RUNTIME_FLAGS = ("workers", "device", "force", "cache", "gpu_aug", "cache_dir", "compile")
 
 
-def prepare_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:
-    """Create the run folder and write config.json.
-
-    A folder that already holds a config with other settings is refused unless --force,
-    so a resume never mixes two different runs."""
+def check_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:
+    """Refuse an output folder whose config.json holds other settings (unless --force), so a resume
+    never mixes two different runs. Writes nothing: called before the data are read, so a mistake
+    costs seconds, and a run that fails on bad input leaves no folder behind."""
     out = Path(out)
     config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
     cfg_path = out / "config.json"
@@ -171,11 +214,22 @@ def prepare_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Pat
         if differ:
             raise UserError(f"--out {out} holds a different run (differs in: {', '.join(differ)}); "
                             "choose another --out or pass --force to start it afresh")
-    elif cfg_path.exists() and force and is_main():
+    return out
+
+
+def prepare_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:
+    """Check the folder (check_out_dir), create it and write config.json; with --force, drop the
+    old run's checkpoints. Temporary files left by a write that a crash interrupted are removed."""
+    out = check_out_dir(out, config, force, ignore)
+    if not is_main():
+        return out
+    if force:
         for stale in ("checkpoint.pt", "checkpoint.prev.pt"):
             (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg_path, config)
+    for tmp in out.glob(".*.tmp"):  # see _atomic: never the latest version of anything
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(out / "config.json", json.loads(json.dumps(config)))
     return out
 
 
@@ -215,20 +269,53 @@ def save_checkpoint(out: Path, state: dict):
     ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
     if ckpt.exists():
         os.replace(ckpt, prev)
+    if f"kill-in-save@{state.get('epoch', -2) + 1}" in os.environ.get("CASS_INJECT_FAULT", "").split(","):
+        torch.save = _save_half_then_die  # tests: the process dies inside the write, wherever it writes
     atomic_torch_save(ckpt, state)
 
 
+def _save_half_then_die(obj, f, *args, _save=torch.save, **kw):
+    """A crash in the middle of writing a file (CASS_INJECT_FAULT=kill-in-save@EPOCH): half of it
+    reaches the disk, then the process is killed."""
+    import signal
+    _save(obj, f, *args, **kw)
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_error_reason(e: Exception) -> str:
+    """Why torch / safetensors could not load a file, in one short line (their messages can span
+    many lines and carry terminal colour codes)."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects besides tensors, which are never unpickled"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
 def load_checkpoint(out: Path):
-    """The newest readable checkpoint of a run folder, or None. Never unpickles arbitrary objects."""
+    """The newest readable checkpoint of a run folder, or None when it has none.
+
+    Loads with weights_only=True: tensors and plain Python values, never arbitrary objects. An
+    unreadable checkpoint.pt (cut short by a disk fault, or not a checkpoint) falls back to
+    checkpoint.prev.pt with a warning; when no checkpoint can be read at all, the run stops rather
+    than silently starting again over the folder's results."""
     out = Path(out)
+    errors = []
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         path = out / name
         if path.exists():
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated file from a crash: fall back to the previous one
-                print(f"warning: could not read {path} ({type(e).__name__}); trying the previous checkpoint",
-                      file=sys.stderr)
+            except Exception as e:
+                reason = load_error_reason(e)
+                errors.append(f"{path}: {reason}")
+                print(f"warning: cannot read {path} ({reason}); trying the previous checkpoint", file=sys.stderr)
+    if errors:
+        raise UserError(f"no readable checkpoint in {out} ({errors[0]}); move the folder away or pass --force to "
+                        "start the run afresh")
     return None
 
 
@@ -240,6 +327,124 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     s = seed * 100_003 + epoch
     seed_everything(s)
     return torch.Generator().manual_seed(s)
+
+
+# ---------------------------------------------------------------- stopping safely
+
+class StopOnSignal:
+    """SIGTERM (a cluster scheduler's pre-emption, `kill`) and SIGINT (Ctrl-C) ask the training loop
+    to stop: the current step finishes, a checkpoint of the middle of the epoch is saved, then the
+    process exits with status 128 + the signal number. A second signal quits at once (the last
+    checkpoint stays). Installed just before the training loop; until then signals act as usual.
+
+    requested(step) is what the loop asks after each step. Under torchrun every process must stop
+    after the same step, so they agree by an all-reduce, every 20 steps (and whenever step is None)."""
+
+    def __init__(self, device):
+        import signal
+        self.device, self.signum = device, None
+        self._signal = signal
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        sig = self._signal
+        if self.signum is not None:  # the second one: act as if nothing had been installed
+            sig.signal(signum, sig.default_int_handler if signum == sig.SIGINT else sig.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\n{sig.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+    def requested(self, step=None) -> bool:
+        if world_size() == 1:
+            return self.signum is not None
+        if step is not None and step % 20:
+            return False
+        flag = all_reduce_sum(torch.tensor([float(self.signum is not None)], device=self.device))
+        if flag.item() > 0 and self.signum is None:
+            self.signum = 15  # another process got it: stop together
+        return flag.item() > 0
+
+    def stop(self, out, where: str):
+        """Raise Interrupted after the checkpoint of `where` (e.g. 'epoch 3 step 40') is saved.
+        Under torchrun every process first waits for rank 0's write: torchrun ends the others with
+        SIGTERM as soon as one exits non-zero."""
+        barrier()
+        raise Interrupted(self.signum, f"{self._signal.Signals(self.signum).name} after {where}: checkpoint saved "
+                                       f"in {out}; rerun the same command to continue from there")
+
+
+class LossWatch:
+    """Notices the first step whose loss is NaN or infinite without a host sync per step: the step
+    number is kept on the device, and check() (one sync) raises with the epoch and step."""
+
+    def __init__(self, device):
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int):
+        bad = ~torch.isfinite(loss.detach().float()) & (self.first < 0)
+        self.first = torch.where(bad, step, self.first)
+
+    def check(self, epoch: int, out, hint="try a lower --lr"):
+        bad = all_reduce_sum((self.first >= 0).to(torch.int64).reshape(1))  # torchrun: any process
+        if bad.item() > 0:
+            at = f"step {int(self.first.item()) + 1}" if self.first.item() >= 0 else "a step (another process)"
+            raise UserError(f"loss is not finite (nan or inf) at epoch {epoch + 1} {at}; stopped, the last good "
+                            f"checkpoint in {out} is kept ({hint})")
+
+
+def rng_state() -> dict:
+    """Every random generator the training loop draws from, in a form torch.load(weights_only=True)
+    reads back: saved with a checkpoint taken in the middle of an epoch."""
+    np_state = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "random": random.getstate(),
+            "numpy": [np_state["state"]["key"].tolist(), np_state["state"]["pos"], np_state["has_gauss"],
+                      np_state["gauss"]]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["random"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.asarray(key, dtype=np.uint32),
+                                                               "pos": pos},
+                         "has_gauss": has_gauss, "gauss": gauss})
+
+
+class FaultInjection:
+    """Testing hook: CASS_INJECT_FAULT=KIND@EPOCH.STEP[,KIND@EPOCH.STEP...] (1-based) makes a run
+    meet faults there, so the tests can check what the user would see. KIND: nan (the batch becomes
+    NaN, so the loss and then the weights do), oom (an out-of-memory error is raised), sigterm /
+    sigint (the process sends itself that signal during the step); kill-in-save@EPOCH belongs to
+    save_checkpoint. Unset, it does nothing."""
+
+    def __init__(self):
+        self.faults = []
+        for spec in filter(None, os.environ.get("CASS_INJECT_FAULT", "").split(",")):
+            kind, at = spec.split("@")
+            if kind != "kill-in-save":
+                e, st = at.split(".")
+                self.faults.append((kind, int(e) - 1, int(st) - 1))
+
+    def batch(self, x, epoch: int, step: int):
+        import signal
+        for kind, e, st in self.faults:
+            if (e, st) != (epoch, step):
+                continue
+            if kind in ("sigterm", "sigint"):
+                os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
+            elif kind == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                             "CASS_INJECT_FAULT)")
+            elif kind == "nan":
+                x = [c * float("nan") for c in x] if isinstance(x, (list, tuple)) else x * float("nan")
+        return x
 
 
 # ---------------------------------------------------------------- several processes (torchrun)

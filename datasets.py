@@ -7,6 +7,7 @@ training and every fine-tuning seed see the same images. `ImageDataset` turns ro
 tensors through a torchvision transform; `cass_augment` and `eval_transform` are the paper's.
 """
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -16,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms as T
 
-from common import UserError, atomic_write_json
+from common import UserError, atomic_write_json, atomic_write_text, is_main
 
 DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "brain-mri", "dermofit", "autoimmune",
               "folder", "csv", "medmnist")
@@ -73,13 +75,29 @@ class ImageTable:
 
 def load_rgb(path) -> Image.Image:
     """Any image file as 8-bit RGB: grayscale is replicated, alpha is composited on black,
-    16-bit and float images are stretched from their own min..max to 0..255."""
+    16-bit and float images are stretched from their own min..max to 0..255.
+
+    An unreadable file (corrupt, truncated, not an image) raises a one-line UserError that names it;
+    the error's `path` and `reason` attributes hold the file and the reason alone."""
     try:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = _read_error_reason(e)
+        err = UserError(f"cannot read image {path}: {reason} (--skip-bad-images leaves unreadable images out)")
+        err.path, err.reason = str(path), reason
+        raise err from None
+
+
+def _read_error_reason(e: Exception) -> str:
+    """Why PIL could not read a file, in one line and without repeating the path."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (unknown or damaged format)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -140,9 +158,24 @@ def _class_folders(root: Path, exclude_masks=False):
     return classes, paths, labels
 
 
+LAYOUTS = {  # what each file-based loader expects under --data-root, for the "no images" errors
+    "folder": "one sub-folder per class holding the images: <root>/<class>/**/<image>",
+    "dermofit": "one sub-folder per class, one per lesion in it: <root>/<class>/<lesion>/<image>",
+    "brain-mri": "<root>/Training/<class>/<image> and <root>/Testing/<class>/<image>",
+    "isic2019": "ISIC_2019_Training_GroundTruth.csv and ISIC_2019_Training_Input/<image>.jpg",
+    "csv": "a CSV of image paths (relative to its folder) with a 'label' column or one 0/1 column per label",
+    "autoimmune": "a CSV of image paths (relative to its folder) with one 0/1 column per cell type",
+}
+
+
+def _no_images(name, root, where=""):
+    return UserError(f"--data-root {root}: no images found{where} (expected {LAYOUTS.get(name, 'image files')}; "
+                     f"image files end in {', '.join(sorted(IMAGE_EXTS))})")
+
+
 def _from_files(name, root, paths, labels, classes, multilabel=False, curator=None) -> ImageTable:
     if not paths:
-        raise UserError(f"--data-root {root}: no images found for --data {name}")
+        raise _no_images(name, root, f" for --data {name}")
     ids = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
     labels = np.asarray(labels, dtype=np.float32 if multilabel else np.int64)
     return ImageTable(name, ids, labels, list(classes), multilabel, paths=[str(p) for p in paths],
@@ -154,7 +187,8 @@ def load_folder(root, name="folder", exclude_masks=False) -> ImageTable:
     root = _need_dir(root)
     classes, paths, labels = _class_folders(root, exclude_masks)
     if not classes:
-        raise UserError(f"--data-root {root}: expected one sub-folder per class, found none")
+        loose = len(_images_under(root))
+        raise _no_images(name, root, f" in class sub-folders, {loose} lie directly in it" if loose else "")
     return _from_files(name, root, paths, labels, classes)
 
 
@@ -551,21 +585,27 @@ class EpochSampler(torch.utils.data.Sampler):
     item's augmentation from (epoch seed, row); without, plain positions."""
 
     def __init__(self, n: int, shuffle: bool, shard: bool = False, drop_multiple: int = None):
-        self.n, self.shuffle, self.epoch_seed, self.drop_multiple = n, shuffle, None, drop_multiple
+        self.n, self.shuffle, self.epoch_seed, self.drop_multiple, self.start = n, shuffle, None, drop_multiple, 0
         self.rank, self.world = 0, 1
         if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def set_epoch_seed(self, seed):
+    def set_epoch_seed(self, seed, start: int = 0):
+        """Seed of the coming epoch; start > 0 leaves out the first `start` items of this process's
+        order (an epoch resumed in the middle: the remaining items are the same as without the stop)."""
         self.epoch_seed = None if seed is None else int(seed)
+        self.start = int(start)
 
     def _total(self):
         if self.world > 1 and self.drop_multiple:
             return self.n - self.n % self.drop_multiple
         return self.n
 
-    def __len__(self):
+    def _per_process(self):
         return -(-self._total() // self.world)
+
+    def __len__(self):
+        return max(0, self._per_process() - self.start)
 
     def __iter__(self):
         s = self.epoch_seed
@@ -577,8 +617,9 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.arange(self.n)
         if self.world > 1:
             order = order[:self._total()]
-            pad = len(self) * self.world - len(order)
+            pad = self._per_process() * self.world - len(order)
             order = torch.cat([order, order[:pad]])[self.rank::self.world]
+        order = order[self.start:]
         if s is None:
             yield from order.tolist()
         else:
@@ -589,14 +630,42 @@ class EpochSampler(torch.utils.data.Sampler):
 _LOADERS = {}  # persistent data loaders (workers > 0), reused by every epoch's make_loader call
 
 
-def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=None, device=None, shard=False):
+def _ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT / SIGTERM to the main process, which saves a checkpoint and then
+    shuts them down (a terminal's Ctrl-C, and a scheduler's SIGTERM, reach every process of the job;
+    a worker that died of it would make the main process fail before its checkpoint is written)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _close_loaders():
+    """Stop every loader's worker processes at exit. Registered (below) after multiprocessing's own
+    exit handler, so it runs first: that one ends workers with SIGTERM, which ours ignore."""
+    for loader in list(_WORKER_LOADERS):
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # asks each worker to finish, waits, then terminates
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():
+                    w.kill()
+    _LOADERS.clear()
+
+
+_WORKER_LOADERS = weakref.WeakSet()  # every loader with worker processes, for _close_loaders
+atexit.register(_close_loaders)
+
+
+def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=None, device=None, shard=False,
+                skip_batches=0):
     """A DataLoader over `dataset` for one epoch.
 
     generator: the epoch's generator (common.seed_epoch); its seed fixes the order and every item's
     augmentation (EpochSampler, item_seed). shard=True: under torch.distributed this process loads
     its share only, and `bs` is the GLOBAL batch (each of the world processes gets bs // world).
     With workers > 0 the loader and its worker processes persist: a later call with the same
-    dataset and settings returns the same loader, only re-seeded. Memory is pinned on CUDA."""
+    dataset and settings returns the same loader, only re-seeded. Memory is pinned on CUDA.
+    skip_batches: leave out the epoch's first batches (resuming in the middle of an epoch)."""
     world = 1
     if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
@@ -612,10 +681,13 @@ def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=Non
         sampler = EpochSampler(len(dataset), shuffle, shard, bs if drop_last else None)
         loader = torch.utils.data.DataLoader(  # its own generator: the global random stream is not drawn from
             dataset, batch_size=bs // world, sampler=sampler, num_workers=workers, drop_last=drop_last,
-            pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+            pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None)
         if workers > 0:
             _LOADERS[key] = (dataset, loader)
-    loader.sampler.set_epoch_seed(generator.initial_seed() if generator is not None else None)
+            _WORKER_LOADERS.add(loader)
+    loader.sampler.set_epoch_seed(generator.initial_seed() if generator is not None else None,
+                                  start=skip_batches * (bs // world))
     return loader
 
 
@@ -624,14 +696,58 @@ def load_data(args, cache_size=None, cache_part=None):
 
     Data sets read from image files are decoded once into the decoded-image cache (`cached_table`,
     unless --no-cache) at `cache_size` px (default --img-size), covering every row of the table, or
-    only the rows of split part `cache_part` (e.g. 'train' for DINO, whose cache size is its own)."""
+    only the rows of split part `cache_part` (e.g. 'train' for DINO, whose cache size is its own).
+
+    Unreadable image files (corrupt, truncated, not an image) are found before training: while the
+    cache is built (its marker remembers them), or with --no-cache --skip-bad-images by decoding every
+    file of those rows once. Without --skip-bad-images they are a UserError; with it their rows are
+    left out of every split part (the split file itself is unchanged, so the other images keep their
+    part), a warning lists them, and table.extra["skipped_images"] holds their (path, reason) pairs
+    (see write_skipped). With --no-cache and no --skip-bad-images, a bad file stops the run when the
+    loader meets it."""
     table = load_table(args.data, args.data_root, args.cache_dir)
     split = get_split(table, args.split_file, args.split_seed)
-    if getattr(args, "cache", True) and table.array is None:
-        rows = split[cache_part] if cache_part else None
-        table = cached_table(table, cache_size or args.img_size, args.cache_dir, rows=rows,
-                             workers=getattr(args, "workers", 0))
+    skip = bool(getattr(args, "skip_bad_images", False))
+    bad = []
+    if table.array is None:
+        rows = split[cache_part] if cache_part else np.arange(len(table))
+        workers = getattr(args, "workers", 0)
+        if getattr(args, "cache", True):
+            table = cached_table(table, cache_size or args.img_size, args.cache_dir, rows=rows, workers=workers,
+                                 skip_bad=skip)
+            bad = table.extra["bad_images"]
+        elif skip:
+            bad = check_images(table, rows, workers)
+        if bad and len(bad) == len(rows):
+            raise UserError(f"--data-root {args.data_root}: none of the {len(rows)} images can be read (first: "
+                            f"{bad[0][1]}: {bad[0][2]})")
+        if bad:
+            gone = np.asarray([r for r, _, _ in bad], dtype=np.int64)
+            split = {k: v[~np.isin(v, gone)] for k, v in split.items()}
+            if is_main():
+                lines = [f"warning: --skip-bad-images: left out {len(bad)} of {len(rows)} images that cannot be "
+                         "read:"] + [f"  {p}: {why}" for _, p, why in bad[:20]]
+                if len(bad) > 20:
+                    lines.append(f"  ... and {len(bad) - 20} more")
+                print("\n".join(lines), file=sys.stderr)
+    table.extra = {**table.extra, "skipped_images": [(p, why) for _, p, why in bad]}
     return table, split
+
+
+def write_skipped(out_dir, table: ImageTable):
+    """<out_dir>/skipped_images.txt, one "path<TAB>reason" line per image left out by
+    --skip-bad-images (table.extra["skipped_images"] of load_data); nothing when none was."""
+    skipped = table.extra.get("skipped_images") or []
+    if skipped:
+        atomic_write_text(Path(out_dir) / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
+
+
+def bad_images_error(bad, n_checked) -> UserError:
+    """The one-line error for unreadable images found before training: bad = [(row, path, reason)]."""
+    _, path, why = bad[0]
+    what = "1 image" if len(bad) == 1 else f"{len(bad)} images"
+    return UserError(f"{what} of {n_checked} cannot be read (first: {path}: {why}); "
+                     "pass --skip-bad-images to leave them out")
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
@@ -639,9 +755,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 
 # ---------------------------------------------------------------- DINO multi-crop (the baseline)
 
-import random  # noqa: E402  (kept with the section that uses it)
-
-from PIL import ImageFilter, ImageOps  # noqa: E402
+from PIL import ImageFilter, ImageOps  # noqa: E402  (kept with the section that uses it)
 
 
 class PILGaussianBlur:
@@ -706,7 +820,10 @@ class DinoMultiCrop:
 
 # ---------------------------------------------------------------- decoded-image cache
 
-CACHE_VERSION = 1  # bump when the decoding below changes: old caches are then never reused
+# bump when the decoding below changes: old caches are then never reused. 2: unreadable files no longer stop
+# the build; their rows stay zero and the marker lists them ("bad"), so code of version 1, which would take
+# those zeros for black images, must not find these files.
+CACHE_VERSION = 2
 
 
 class MappedArray:
@@ -767,17 +884,66 @@ def cache_fingerprint(table: ImageTable, size: int, rows) -> str:
 
 
 def _decode_chunk(args):
-    """Worker of the cache build: decode rows into positions of the (temporary) .npy file."""
+    """Worker of the cache build: decode rows into positions of the (temporary) .npy file.
+    Returns (number done, [(position, path, reason)] of the files that cannot be read: left zero)."""
     tmp, paths, positions, size = args
     out = np.load(tmp, mmap_mode="r+")
+    bad = []
     for p, pos in zip(paths, positions):
-        out[pos] = decode_resized(p, size)
+        try:
+            out[pos] = decode_resized(p, size)
+        except UserError as e:
+            bad.append((pos, str(p), getattr(e, "reason", str(e))))
     out.flush()
-    return len(positions)
+    return len(positions), bad
+
+
+def _check_chunk(items):
+    """Worker of check_images: fully decode each (row, path); returns (number done, [(row, path, reason)])."""
+    bad = []
+    for row, p in items:
+        try:
+            load_rgb(p)
+        except UserError as e:
+            bad.append((row, str(p), getattr(e, "reason", str(e))))
+    return len(items), bad
+
+
+def _chunks(items, workers):
+    n = len(items)
+    chunk = max(16, min(256, n // (workers * 8) or 1))
+    return [items[a:a + chunk] for a in range(0, n, chunk)]
+
+
+def check_images(table: ImageTable, rows=None, workers: int = 0, progress: bool = True) -> list:
+    """Decode every image file of `rows` (default all) once, as the loader would (load_rgb), with
+    `workers` processes; returns [(row, path, reason)] of those that cannot be read, in row order.
+    Used by --no-cache --skip-bad-images (the cache build finds them itself). Arrays: nothing to check."""
+    if table.array is not None or not table.paths:
+        return []
+    from tqdm import tqdm
+    rows = np.arange(len(table)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    items = [(int(r), table.paths[r]) for r in rows]
+    bad = []
+    bar = tqdm(total=len(items), desc="checking images", unit="img", disable=not progress or None,
+               dynamic_ncols=True)
+    if workers > 0 and len(items) > 64:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            for k, b in ex.map(_check_chunk, _chunks(items, workers)):
+                bad += b
+                bar.update(k)
+    else:
+        for item in items:
+            bad += _check_chunk([item])[1]
+            bar.update(1)
+    bar.close()
+    return sorted(bad)
 
 
 def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, workers: int = 0,
-                 progress: bool = True) -> ImageTable:
+                 progress: bool = True, skip_bad: bool = False) -> ImageTable:
     """`table` with `array` set to its images decoded and resized to (size, size) once, kept in
     <cache_dir>/decoded/<name>-<size>px-<n>-<fingerprint>.npy (memory-mapped, uint8 N x S x S x 3).
 
@@ -785,7 +951,13 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
     waits for the first), written to a temporary file, fsynced, renamed into place, then marked
     complete by <...>.done.json: a crash never leaves a file that looks finished. A source file
     that changes (size or modification time) changes the fingerprint, so the cache is rebuilt.
-    Tables already held in arrays (synthetic, medmnist) are returned unchanged."""
+    Tables already held in arrays (synthetic, medmnist) are returned unchanged.
+
+    Files that cannot be read (corrupt, truncated, not an image) do not stop the build: their rows are
+    listed in the marker, so a later run knows them without decoding again. Then, unless skip_bad,
+    a one-line UserError names the first; with skip_bad the table is returned with those rows out of
+    the cache (reading one raises IndexError, never a black image) and listed as (row, path, reason)
+    in extra["bad_images"] (empty when every file was read), for the caller to leave them out."""
     if table.array is not None or not table.paths:
         return table
     import fcntl
@@ -797,29 +969,42 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
     path, done = folder / f"{stem}.npy", folder / f"{stem}.done.json"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not _cache_complete(path, done, fp):
+        marker = _read_marker(path, done, fp)
+        if marker is None:
             with open(folder / f".{stem}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same cache: wait for it
-                if not _cache_complete(path, done, fp):
-                    _build_cache(table, rows, size, path, done, fp, workers, progress)
+                marker = _read_marker(path, done, fp)
+                if marker is None:
+                    marker = _build_cache(table, rows, size, path, done, fp, workers, progress)
     except OSError as e:
         raise UserError(f"decoded-image cache {folder}: {e} (choose another --cache-dir, or --no-cache)") from None
+    bad = sorted((int(rows[b["pos"]]), b["path"], b["reason"]) for b in marker.get("bad", []))
+    if bad and not skip_bad:
+        raise bad_images_error(bad, len(rows))
     index = None
-    if len(rows) != len(table) or not np.array_equal(rows, np.arange(len(table))):
+    if bad or len(rows) != len(table) or not np.array_equal(rows, np.arange(len(table))):
         index = np.full(len(table), -1, dtype=np.int64)
         index[rows] = np.arange(len(rows))
+        index[[r for r, _, _ in bad]] = -1  # zeros in the file: never read as an image
     return dataclasses.replace(table, array=MappedArray(path, index),
-                               extra={**table.extra, "decoded_cache": str(path), "cache_size": size})
+                               extra={**table.extra, "decoded_cache": str(path), "cache_size": size,
+                                      "bad_images": bad})
 
 
-def _cache_complete(path: Path, done: Path, fp: str) -> bool:
+def _read_marker(path: Path, done: Path, fp: str):
+    """The completion marker of a finished cache of fingerprint `fp`, or None (no such finished cache)."""
     try:
-        return path.is_file() and json.loads(done.read_text()).get("fingerprint") == fp
+        marker = json.loads(done.read_text())
+        if path.is_file() and isinstance(marker, dict) and marker.get("fingerprint") == fp:
+            return marker
     except (OSError, json.JSONDecodeError):
-        return False
+        pass
+    return None
 
 
-def _build_cache(table, rows, size, path, done, fp, workers, progress):
+def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
+    """Decode `rows` into the cache file and write its marker (returned). Unreadable files leave zeros
+    and are listed in the marker's "bad" as {pos (in the file), row (in the table), path, reason}."""
     import shutil
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
@@ -838,19 +1023,24 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress):
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         paths = [table.paths[r] for r in rows]
+        bad = []
         bar = tqdm(total=n, desc="decoding", unit="img", disable=not progress or None, dynamic_ncols=True)
         if workers > 0 and n > 64:
             out.flush()
             del out
-            chunk = max(16, min(256, n // (workers * 8) or 1))
-            jobs = [(tmp, paths[a:a + chunk], list(range(a, min(a + chunk, n))), size) for a in range(0, n, chunk)]
+            jobs = [(tmp, [p for _, p in c], [pos for pos, _ in c], size)
+                    for c in _chunks(list(enumerate(paths)), workers)]
             import multiprocessing as mp
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-                for k in ex.map(_decode_chunk, jobs):
+                for k, b in ex.map(_decode_chunk, jobs):
+                    bad += b
                     bar.update(k)
         else:
             for pos, p in enumerate(paths):
-                out[pos] = decode_resized(p, size)
+                try:
+                    out[pos] = decode_resized(p, size)
+                except UserError as e:
+                    bad.append((pos, str(p), getattr(e, "reason", str(e))))
                 bar.update(1)
             out.flush()
             del out
@@ -862,8 +1052,12 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _write_marker(done, {"fingerprint": fp, "data": table.name, "root": table.root, "size": size, "n": n,
-                         "version": CACHE_VERSION, "seconds": round(time.perf_counter() - t0, 2)})
+    marker = {"fingerprint": fp, "data": table.name, "root": table.root, "size": size, "n": n,
+              "version": CACHE_VERSION, "seconds": round(time.perf_counter() - t0, 2),
+              "bad": [{"pos": int(pos), "row": int(rows[pos]), "path": p, "reason": why}
+                      for pos, p, why in sorted(bad)]}
+    _write_marker(done, marker)
+    return marker
 
 
 def _write_marker(path: Path, obj):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from datasets import _strata, load_data, make_loader
+from datasets import _strata, load_data, make_loader, write_skipped
 from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
 from losses import FocalLoss, class_weights
 from models import count_params, create_backbone, head_prefixes, load_weights, save_weights, sync_batchnorm, wrap_ddp
@@ -159,6 +159,24 @@ def labelled_subset(table, train_rows, frac: float, seed: int) -> np.ndarray:
         if len(pool) and not any(r in chosen for r in pool.tolist()):
             chosen.add(int(rng.choice(pool)))
     return np.sort(np.fromiter(chosen, dtype=np.int64))
+
+
+def require_every_class(table, counts, split):
+    """Stop when a class (multi-label: a label) has no example among the labelled training images.
+
+    labelled_subset gives every class of the training split at least one image, so this happens
+    when the split put all of a class's images into validation and test (a class of one or two
+    images): the model could never predict it, and its test scores would be meaningless."""
+    empty = [c for c, k in enumerate(counts) if k == 0]
+    if not empty:
+        return
+    name = table.class_names[empty[0]]
+    total = int(table.class_counts()[empty[0]])
+    where = {p: int(table.class_counts(split[p])[empty[0]]) for p in ("val", "test")}
+    more = f" (and {len(empty) - 1} more: {', '.join(table.class_names[c] for c in empty[1:4])})" if len(empty) > 1 else ""
+    raise UserError(f"class '{name}'{more} has no labelled training example: the training split holds none of "
+                    f"its {total} image(s) (validation {where['val']}, test {where['test']}); add images of it, "
+                    f"drop the class, or pass a --split-file that puts some in train")
 
 
 # ---------------------------------------------------------------- model
@@ -412,30 +430,29 @@ def main(argv=None):
     args = get_args(argv)
     device = common.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    with common.main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
-        out = common.prepare_out_dir(args.out, config, args.force, ignore=(
-            *common.RUNTIME_FLAGS, "keep_checkpoint"))
-    if args.force:
-        (out / "metrics.json").unlink(missing_ok=True)
-    if (out / "metrics.json").exists():
+    runtime = (*common.RUNTIME_FLAGS, "keep_checkpoint")
+    out = common.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
+    if (out / "metrics.json").exists() and not args.force:
         print(f"{out} already holds a finished run (metrics.json); nothing to do "
               "(pass --force to run it again)")
         return
 
     # ---- data: labelled subset of the training split; validation and test whole
-    with common.main_first():
+    with common.main_first():  # rank 0 first: it writes the split file and the decoded cache
         table, split = load_data(args)
     gpu = use_gpu_aug(args, device, table)
     C = len(table.class_names)
     for part in ("train", "val", "test"):
         if len(split[part]) == 0:
             raise UserError(f"the {part} split of --data {args.data} is empty; the data set is too small")
+    if args.bs > len(split["train"]) and args.eval == "finetune":
+        raise UserError(f"--bs {args.bs} is larger than the training set ({len(split['train'])} images)")
     rows = labelled_subset(table, split["train"], args.label_frac, args.seed)
     counts = table.class_counts(rows)
-    common.atomic_write_json(out / "labelled_ids.json", {
-        "data": args.data, "label_frac": args.label_frac, "seed": args.seed, "n_train": len(split["train"]),
-        "n_labelled": len(rows), "class_names": table.class_names, "class_counts": counts.tolist(),
-        "ids": [table.ids[r] for r in rows]})
+    require_every_class(table, counts, split)
+    if args.bs > len(rows) and args.eval == "finetune":  # expected with 1% labels of a small data set
+        print(f"note: --bs {args.bs} is larger than the {len(rows)} labelled images: every epoch is one batch "
+              f"of {len(rows)}")
     test_set, _ = eval_pipeline(table, split["test"], args.img_size, device, gpu)
     test_loader = make_loader(test_set, args.bs, shuffle=False, workers=args.workers, device=device)
     kind = "multi-label" if table.multilabel else "single-label"
@@ -447,6 +464,17 @@ def main(argv=None):
     model, fresh = build_model(args, C)
     print(f"{args.arch} ({count_params(model) / 1e6:.1f}M parameters) from "
           f"{args.weights or args.init}; re-initialised: {', '.join(fresh)}")
+
+    # ---- output folder: written only now that the data and the start weights are known to be good
+    with common.main_first():
+        common.prepare_out_dir(out, config, args.force, ignore=runtime)
+        if args.force:
+            (out / "metrics.json").unlink(missing_ok=True)
+        write_skipped(out, table)
+        common.atomic_write_json(out / "labelled_ids.json", {
+            "data": args.data, "label_frac": args.label_frac, "seed": args.seed, "n_train": len(split["train"]),
+            "n_labelled": len(rows), "class_names": table.class_names, "class_counts": counts.tolist(),
+            "ids": [table.ids[r] for r in rows]})
     model.to(device)
     if device.type == "cuda" and not is_transformer(model):
         model.to(memory_format=torch.channels_last)
@@ -524,7 +552,11 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
     stopper = EarlyStopping(args.patience)
     best_state = None
 
-    start_epoch = 0
+    def train_state():  # what a checkpoint holds besides the epoch
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "early_stopping": stopper.state_dict(), "best_state": best_state}
+
+    start_epoch, partial = 0, None
     ckpt = common.load_checkpoint(out)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -532,37 +564,55 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["early_stopping"])
         best_state = ckpt["best_state"]
-        start_epoch = ckpt["epoch"] + 1
-        print(f"resuming {out} after epoch {start_epoch}")
+        start_epoch, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
+              if partial else f"resuming {out} after epoch {start_epoch}")
     log = common.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
+    signals, watch, faults = common.StopOnSignal(device), common.LossWatch(device), common.FaultInjection()
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         if stopper.should_stop:  # resumed after the stopping epoch's checkpoint
             epoch -= 1
             break
         gen = common.seed_epoch(args.seed, epoch)
+        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device, shard=True)
+                             generator=gen, device=device, shard=True, skip_batches=skip)
         model.train()
         t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
         sums = torch.zeros(2, device=device)  # loss sum, images
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None)
-        for x, y, _ in bar:
-            x, y = prepare(x), y.to(device, non_blocking=True)
+        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
+            if common.is_main():
+                sums = partial["sums"].to(device)
+            common.set_rng_state(partial["rng"])
+            t0 -= partial["seconds"]
+        lr = partial["lr"] if partial else opt.param_groups[0]["lr"]  # the rate the epoch started with
+        partial = None
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
+                   initial=skip, total=skip + len(loader))
+        for step, (x, y, _) in enumerate(bar, start=skip):
+            x, y = faults.batch(prepare(x), epoch, step), y.to(device, non_blocking=True)
             loss = finetune_step(fwd, x, y, criterion, opt, device)
+            watch.update(loss, step)
             if args.sched_step == "batch":
                 sched.step()
             sums[0] += loss.detach() * len(x)
             sums[1] += len(x)
+            if step % 20 == 0:  # the only host sync inside the epoch
+                watch.check(epoch, out)
+            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
+                watch.check(epoch, out)  # never save weights that a NaN has reached
+                common.all_reduce_sum(sums)
+                common.save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
+                    "step": step + 1, "sums": sums.cpu(), "rng": common.rng_state(), "lr": lr,
+                    "seconds": time.perf_counter() - t0}})
+                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         if args.sched_step == "epoch":
             sched.step()
+        watch.check(epoch, out)
         loss_sum, n = common.all_reduce_sum(sums).tolist()
         train_loss = loss_sum / max(n, 1)
-        if not math.isfinite(train_loss):
-            raise UserError(f"training loss is {train_loss} in epoch {epoch + 1}; stopped, the last good "
-                            f"checkpoint in {out} is kept (try a lower --lr)")
         logits, val_y, _, val_loss = forward_all(model, val_loader, device, criterion, desc="validation")
         val_loss = common.broadcast_float(val_loss)  # every process takes rank 0's early-stopping decision
         val = compute_metrics(val_y, to_probs(logits, table.multilabel), table.class_names,
@@ -572,12 +622,12 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         seconds = time.perf_counter() - t0
         log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_f1_macro": val["f1_macro"],
                     "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "seconds": seconds})
-        common.save_checkpoint(out, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "early_stopping": stopper.state_dict(),
-                                     "best_state": best_state})
+        common.save_checkpoint(out, {**train_state(), "epoch": epoch})
         mark = " *" if stopper.best_epoch == epoch else ""
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
                    f"val_f1_macro {val['f1_macro']:.4f} lr {lr:.2e} {seconds:.1f}s{mark}")
+        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
+            signals.stop(out, f"epoch {epoch + 1}")
         if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
             print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch); rerun to resume")
             return None

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from common import UserError, atomic_save_safetensors
+from common import UserError, atomic_save_safetensors, load_error_reason
 
 
 def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,
@@ -55,13 +55,14 @@ def head_prefixes(model: nn.Module):
     return tuple(c + "." for c in cls)
 
 
-def read_state_dict(path) -> dict:
+def read_state_dict(path, flag=None) -> dict:
     """Tensors of a weight file: .safetensors, or a torch state dict loaded with weights_only=True
     (nested under 'state_dict', 'model', 'teacher' or 'student' is accepted; 'module.' and
-    'backbone.' prefixes are stripped)."""
+    'backbone.' prefixes are stripped). flag: the command-line flag that named the file, for errors."""
     path = Path(path).expanduser()
+    where = f"{flag} {path}" if flag else f"weight file {path}"
     if not path.is_file():
-        raise UserError(f"weight file {path} does not exist")
+        raise UserError(f"{where} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -69,12 +70,13 @@ def read_state_dict(path) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable weight file ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"{where} is not a readable weight file ({load_error_reason(e)}); expected .safetensors or "
+                        "a state dict of tensors saved with torch.save") from None
     for key in ("state_dict", "model", "teacher", "student"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path} is not a weight file (expected a dict of tensors)")
+        raise UserError(f"{where} is not a weight file (expected a dict of tensors)")
     for prefix in ("module.", "backbone."):
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -85,7 +87,7 @@ def load_weights(model: nn.Module, path, flag="--weights", allow_new_head=True) 
     """Load a weight file into `model`, checking that it fits: every backbone tensor must be present
     with the same shape. Only the classification head may be missing or of another shape (a new
     number of classes); it then keeps its fresh initialisation. Returns the re-initialised keys."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, flag)
     own = model.state_dict()
     heads = head_prefixes(model) if allow_new_head else ()
     is_head = lambda k: k.startswith(heads)  # noqa: E731

@@ -15,16 +15,16 @@ Rerunning the same command resumes from the last finished epoch in the output fo
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from common import (CsvLog, UserError, add_common_args, all_reduce_sum, autocast, load_checkpoint,
-                    main_first, pick_device, prepare_out_dir, run_cli, save_checkpoint, seed_epoch,
-                    seed_everything, setup_distributed, world_size)
-from datasets import load_data, make_loader
+from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
+                    autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device, prepare_out_dir,
+                    rng_state, run_cli, save_checkpoint, seed_epoch, seed_everything, set_rng_state,
+                    setup_distributed, world_size)
+from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
 from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
@@ -105,11 +105,10 @@ def main(argv=None):
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
 
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    with main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
-        out = prepare_out_dir(args.out, config, args.force)
+    out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
     # ---- data: the training split only (Appendix C.5.1)
-    with main_first():
+    with main_first():  # rank 0 first: it writes the split file and the decoded cache
         table, split = load_data(args)
     gpu = use_gpu_aug(args, device, table)
     rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
@@ -136,16 +135,25 @@ def main(argv=None):
     if args.compile:
         fwd_cnn, fwd_vit = torch.compile(fwd_cnn), torch.compile(fwd_vit)
 
-    # ---- resume
-    start_epoch = 0
+    def train_state():  # what a checkpoint holds besides the epoch
+        return {"cnn": cnn.state_dict(), "vit": vit.state_dict(), "opt_cnn": opt_cnn.state_dict(),
+                "opt_vit": opt_vit.state_dict(), "sched_cnn": sched_cnn.state_dict(),
+                "sched_vit": sched_vit.state_dict(), "swa_cnn": swa_cnn.state_dict(), "swa_vit": swa_vit.state_dict()}
+
+    # ---- output folder (written only now that the data and models are known to be good), resume
+    with main_first():
+        prepare_out_dir(out, config, args.force)
+        write_skipped(out, table)
+    start_epoch, partial = 0, None
     ckpt = load_checkpoint(out)
     if ckpt is not None:
         for obj, key in ((cnn, "cnn"), (vit, "vit"), (opt_cnn, "opt_cnn"), (opt_vit, "opt_vit"),
                          (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
                          (swa_vit, "swa_vit")):
             obj.load_state_dict(ckpt[key])
-        start_epoch = ckpt["epoch"] + 1
-        print(f"resuming {out} after epoch {start_epoch}")
+        start_epoch, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
+              if partial else f"resuming {out} after epoch {start_epoch}")
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M) + {args.vit} ({count_params(vit) / 1e6:.1f}M), "
@@ -154,18 +162,29 @@ def main(argv=None):
           f"{'device' if gpu else 'CPU'} augmentation, output {out}")
 
     t_run = time.perf_counter()
+    signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
+        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device, shard=True)
+                             generator=gen, device=device, shard=True, skip_batches=skip)
         cnn.train(), vit.train()
         t0 = time.perf_counter()
         stats = torch.zeros(3, device=device)  # loss sum, guard firings, samples
         moments = {}  # per-arm sums of normalised outputs and their squares (collapse signal)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-        for step, (x, _, _) in enumerate(bar):
-            x = prepare(x)  # to the device (pinned, non-blocking); --gpu-aug: augmented there
+        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
+            if is_main():
+                stats = partial["stats"].to(device)
+                moments = {k: v.to(device) for k, v in partial["moments"].items()}
+            set_rng_state(partial["rng"])
+            t0 -= partial["seconds"]
+            partial = None
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+                   initial=skip, total=skip + len(loader))
+        for step, (x, _, _) in enumerate(bar, start=skip):
+            x = faults.batch(prepare(x), epoch, step)  # prepare: to the device; --gpu-aug: augmented there
             loss, fired, r, t = cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device)
+            watch.update(loss, step)
             if args.sched_unit == "step":
                 sched_cnn.step(), sched_vit.step()
             with torch.no_grad():
@@ -178,20 +197,24 @@ def main(argv=None):
                     s[0] += z.sum(0)
                     s[1] += (z * z).sum(0)
             if step % 20 == 0:  # the only host sync inside the epoch
-                cur = loss.item()
-                if not math.isfinite(cur):
-                    raise UserError(f"loss is {cur} at epoch {epoch + 1} step {step + 1}; stopped, the last "
-                                    f"good checkpoint in {out} is kept (try a lower --lr)")
-                bar.set_postfix(loss=f"{cur:.4f}")
+                watch.check(epoch, out)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
+                watch.check(epoch, out)  # never save weights that a NaN has reached
+                all_reduce_sum(stats)
+                for s in moments.values():
+                    all_reduce_sum(s)
+                save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
+                    "step": step + 1, "stats": stats.cpu(), "moments": {k: v.cpu() for k, v in moments.items()},
+                    "rng": rng_state(), "seconds": time.perf_counter() - t0}})
+                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         if args.sched_unit == "epoch":
             sched_cnn.step(), sched_vit.step()
+        watch.check(epoch, out)
         all_reduce_sum(stats)  # torchrun: sums over every process's share of the epoch
         for s in moments.values():
             all_reduce_sum(s)
         loss_sum, fired_n, n = stats.tolist()
-        if not math.isfinite(loss_sum):
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in "
-                            f"{out} is kept (try a lower --lr)")
         if args.swa and epoch >= swa_start:
             swa_cnn.update_parameters(cnn), swa_vit.update_parameters(vit)
         if device.type == "cuda":
@@ -203,14 +226,13 @@ def main(argv=None):
         for name, s in moments.items():  # mean over dimensions of the per-dimension std; 0 means collapse
             mean, sq = s[0] / n, s[1] / n
             row[f"{name}_std"] = (sq - mean * mean).clamp_min(0).sqrt().mean().item()
-        row["uniform_std"] = 1 / math.sqrt(r.shape[1])  # what a non-collapsed output spread looks like
+        row["uniform_std"] = 1 / math.sqrt(moments["cnn"].shape[1])  # what a non-collapsed spread looks like
         log.append(row)
-        save_checkpoint(out, {"epoch": epoch, "cnn": cnn.state_dict(), "vit": vit.state_dict(),
-                              "opt_cnn": opt_cnn.state_dict(), "opt_vit": opt_vit.state_dict(),
-                              "sched_cnn": sched_cnn.state_dict(), "sched_vit": sched_vit.state_dict(),
-                              "swa_cnn": swa_cnn.state_dict(), "swa_vit": swa_vit.state_dict()})
+        save_checkpoint(out, {**train_state(), "epoch": epoch})
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {row['loss']:.4f} cnn_std {row['cnn_std']:.4f} "
                    f"vit_std {row['vit_std']:.4f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
+            signals.stop(out, f"epoch {epoch + 1}")
         if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
             print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
             return

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (CsvLog, UserError, add_common_args, all_reduce_sum, autocast, load_checkpoint, main_first,
-                    pick_device, prepare_out_dir, run_cli, save_checkpoint, seed_epoch, seed_everything,
+from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
+                    autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device, prepare_out_dir,
+                    rng_state, run_cli, save_checkpoint, seed_epoch, seed_everything, set_rng_state,
                     setup_distributed, world_size)
-from datasets import dino_cache_size, load_data, make_loader
+from datasets import dino_cache_size, load_data, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
 from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
@@ -345,13 +346,12 @@ def main(argv=None):
     args = get_args(argv)
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
     config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    with main_first():  # rank 0 first: it writes the folder, the split file and the decoded cache
-        out = prepare_out_dir(args.out, config, args.force)
+    out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
     # ---- data: the training split only (Appendix C.5.1), decoded once at a size the crops can cut from
     cache_size = args.cache_size or dino_cache_size(args.img_size, args.local_size, args.global_scale,
                                                     args.local_scale)
-    with main_first():
+    with main_first():  # rank 0 first: it writes the split file and the decoded cache
         table, split = load_data(args, cache_size=cache_size, cache_part="train")
     gpu = use_gpu_aug(args, device, table)
     rows = split["train"][: args.limit_train] if args.limit_train else split["train"]
@@ -379,16 +379,24 @@ def main(argv=None):
         student.compile_backbone(), teacher.compile_backbone()
     fwd_student = wrap_ddp(student, device)  # torchrun: gradients averaged over the processes
 
-    # ---- resume
-    start_epoch, elapsed = 0, 0.0
+    def train_state():  # what a checkpoint holds besides the epoch
+        return {"elapsed": elapsed, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "dino_loss": dino_loss.state_dict()}
+
+    # ---- output folder (written only now that the data and models are known to be good), resume
+    with main_first():
+        prepare_out_dir(out, config, args.force)
+        write_skipped(out, table)
+    start_epoch, elapsed, partial = 0, 0.0, None
     ckpt = load_checkpoint(out)
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         dino_loss.load_state_dict(ckpt["dino_loss"])
-        start_epoch, elapsed = ckpt["epoch"] + 1, float(ckpt.get("elapsed", 0.0))
-        print(f"resuming {out} after epoch {start_epoch}")
+        start_epoch, elapsed, partial = ckpt["epoch"] + 1, float(ckpt.get("elapsed", 0.0)), ckpt.get("partial")
+        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
+              if partial else f"resuming {out} after epoch {start_epoch}")
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
     print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
@@ -400,35 +408,45 @@ def main(argv=None):
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)
+    signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()
+    hint = "try a lower --lr, a higher --momentum-teacher or --clip-grad"
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
+        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=True,
-                             generator=gen, device=device, shard=True)
+                             generator=gen, device=device, shard=True, skip_batches=skip)
         student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
-        n_steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-        for step, (crops, _, _) in enumerate(bar):
+        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
+            if is_main():
+                sums = partial["sums"].to(device)
+            set_rng_state(partial["rng"])
+            t0 -= partial["seconds"]
+            partial = None
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+                   initial=skip, total=skip + len(loader))
+        for step, (crops, _, _) in enumerate(bar, start=skip):
             it = epoch * steps_per_epoch + step  # global iteration
-            crops = prepare(crops)  # to the device (pinned, non-blocking); --gpu-aug: cut and augmented there
+            crops = faults.batch(prepare(crops), epoch, step)  # to the device; --gpu-aug: cut and augmented there
             loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
                                   freeze_last_layer=args.freeze_last_layer, device=device)
+            watch.update(loss, step)
             sums += torch.stack([loss, st["teacher_entropy"], st["teacher_kl_to_mean"], st["student_kl"]])
-            n_steps += 1
             if step % 20 == 0:  # the only host sync inside the epoch
-                cur = loss.item()
-                if not math.isfinite(cur):
-                    raise UserError(f"loss is {cur} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
-                                    f"checkpoint in {out} is kept (try a lower --lr, a higher --momentum-teacher "
-                                    f"or --clip-grad)")
-                bar.set_postfix(loss=f"{cur:.4f}")
-        mean = (all_reduce_sum(sums) / (max(n_steps, 1) * world_size())).tolist()  # torchrun: over every process
-        if not all(math.isfinite(v) for v in mean):
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; stopped, the last good checkpoint in {out} "
-                            "is kept (try a lower --lr)")
+                watch.check(epoch, out, hint)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
+                watch.check(epoch, out, hint)  # never save weights that a NaN has reached
+                all_reduce_sum(sums)
+                save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
+                    "step": step + 1, "sums": sums.cpu(), "rng": rng_state(), "seconds": time.perf_counter() - t0}})
+                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
+        watch.check(epoch, out, hint)
+        n_steps = steps_per_epoch
+        mean = (all_reduce_sum(sums) / (n_steps * world_size())).tolist()  # torchrun: over every process
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -441,11 +459,11 @@ def main(argv=None):
                "teacher_entropy": mean[1], "teacher_kl_to_mean": mean[2], "student_kl": mean[3],
                "max_entropy": max_entropy}
         log.append(row)
-        save_checkpoint(out, {"epoch": epoch, "elapsed": elapsed, "student": student.state_dict(),
-                              "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                              "dino_loss": dino_loss.state_dict()})
+        save_checkpoint(out, {**train_state(), "epoch": epoch})
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {mean[0]:.4f} teacher entropy {mean[1]:.3f} "
                    f"(max {max_entropy:.2f}) kl_to_mean {mean[2]:.3f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
+            signals.stop(out, f"epoch {epoch + 1}")
         if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
             print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
             return

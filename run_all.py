@@ -610,7 +610,9 @@ def run_in_worker(argv: list, log_path) -> int:
     import importlib
     import traceback
 
-    from common import UserError
+    import signal
+
+    from common import Interrupted, UserError
     with contextlib.ExitStack() as stack:
         if log_path:
             f = stack.enter_context(open(log_path, "a", buffering=1))
@@ -621,11 +623,17 @@ def run_in_worker(argv: list, log_path) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             rc = 2
+        except Interrupted as e:  # Ctrl-C / SIGTERM: the run saved its checkpoint (common.StopOnSignal)
+            print(f"stopped: {e}", file=sys.stderr)
+            rc = 128 + e.signum
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception:
             traceback.print_exc()
             rc = 1
+        finally:  # the next job in this worker starts with the usual signal behaviour
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.collect()
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         sys.modules["torch"].cuda.empty_cache()

@@ -130,3 +130,26 @@ def test_dino_two_processes_match_one(tmp_path):
     assert torch.allclose(ca, cb, atol=1e-6)
     la, lb = read_csv_log(tmp_path / "single" / "log.csv"), read_csv_log(tmp_path / "ddp" / "log.csv")
     assert [float(r["loss"]) for r in la] == pytest.approx([float(r["loss"]) for r in lb], rel=1e-5)
+
+
+def test_sigterm_under_torchrun_saves_once_and_the_rerun_ends_like_the_uninterrupted_run(runs):
+    """Both processes get SIGTERM in the first step of epoch 2 (as a scheduler signals every process
+    of a job): they agree to stop after that step, rank 0 saves the middle of the epoch, each exits
+    143; torchrun again continues from that step and ends with the uninterrupted DDP run's weights
+    and per-epoch losses."""
+    tmp, _ = runs
+    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "pretrain_cass.py"), *ARGS, "--out", "stopped"]
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.count("stopped: SIGTERM after epoch 2 step 1: checkpoint saved in stopped") == 2
+    ck = torch.load(tmp / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 0 and ck["partial"]["step"] == 1
+    torchrun("pretrain_cass.py", *ARGS, "--out", "stopped", cwd=tmp)
+    for name in ("cnn_last", "vit_last", "cnn", "vit"):
+        a = load_file(tmp / "ddp" / f"{name}.safetensors")
+        b = load_file(tmp / "stopped" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in read_csv_log(tmp / "ddp" / "log.csv")] == \
+        [r["loss"] for r in read_csv_log(tmp / "stopped" / "log.csv")]
