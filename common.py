@@ -51,10 +51,12 @@ def run_cli(main):
         print(f"error: {msg.removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+        text = str(e)
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+            s in text for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED"))  # CPU, CUDA, cuDNN/cuBLAS
         if not oom or os.environ.get("CASS_DEBUG"):
             raise
-        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text or "ALLOC_FAILED" in text else "CPU"
         print(f"error: out of {where} memory at --bs {_flag_value('--bs') or '(the default)'}: try a smaller "
               f"--bs or --img-size (that is a new run: give it another --out, or --force); the output folder "
               f"keeps its last complete checkpoint ({str(e).strip().splitlines()[0][:100]})", file=sys.stderr)

@@ -94,7 +94,8 @@ def kill_after_first_epoch(script, args, out, cwd, sig=signal.SIGKILL, group=Fal
     log = cwd / out / "log.csv"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().strip().splitlines()) >= 2:  # header + epoch 0
+        if (log.exists() and len(log.read_text().strip().splitlines()) >= 2  # header + epoch 0
+                and (cwd / out / "checkpoint.pt").exists()):  # and its checkpoint, written just after
             time.sleep(0.3)
             break
         time.sleep(0.05)
@@ -110,7 +111,9 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(tmp_path, script, str
     rc, _ = kill_after_first_epoch(script, args, "killed", tmp_path)
     assert rc == -signal.SIGKILL, "the run finished before it could be killed; the test needs a longer run"
     assert not (tmp_path / "killed" / files[-1]).exists()
-    assert checkpoint(tmp_path / "killed").get("partial") is None  # a kill saves nothing: the last epoch's
+    killed = tmp_path / "killed"  # (checkpoint.pt is missing if the kill came while the next one was written)
+    latest = checkpoint(killed) if (killed / "checkpoint.pt").exists() else checkpoint(killed, "checkpoint.prev.pt")
+    assert latest.get("partial") is None  # a kill saves nothing: the last complete epoch's checkpoint stays
     run_script(script, *args, "--out", "killed", cwd=tmp_path)
     assert_same_end(script, straight(script), tmp_path / "killed")
 
