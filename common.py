@@ -292,9 +292,14 @@ def load_error_reason(e: Exception) -> str:
     import re
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     if "Weights only load failed" in text:
-        return "it holds pickled Python objects besides tensors, which are never unpickled"
+        if "Unsupported global" in text:
+            return "it holds pickled Python objects besides tensors, which are never unpickled"
+        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:80] if \
+            "WeightsUnpickler error:" in text else ""
+        return f"not a file torch.save wrote ({detail or 'unpickling failed'})"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+    first = first.split(". ")[0][:120]  # the first sentence
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def load_checkpoint(out: Path):

@@ -179,8 +179,8 @@ def main(argv=None):
             set_rng_state(partial["rng"])
             t0 -= partial["seconds"]
             partial = None
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   initial=skip, total=skip + len(loader))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
+                   initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (x, _, _) in enumerate(bar, start=skip):
             x = faults.batch(prepare(x), epoch, step)  # prepare: to the device; --gpu-aug: augmented there
             loss, fired, r, t = cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device)

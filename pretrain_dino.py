@@ -424,8 +424,8 @@ def main(argv=None):
             set_rng_state(partial["rng"])
             t0 -= partial["seconds"]
             partial = None
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   initial=skip, total=skip + len(loader))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
+                   initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (crops, _, _) in enumerate(bar, start=skip):
             it = epoch * steps_per_epoch + step  # global iteration
             crops = faults.batch(prepare(crops), epoch, step)  # to the device; --gpu-aug: cut and augmented there
