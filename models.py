@@ -70,7 +70,12 @@ def read_state_dict(path, flag=None) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{where} is not a readable weight file ({load_error_reason(e)}); expected .safetensors or "
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive (PK) or, in its legacy format, a pickle (protocol byte 0x80)
+        reason = load_error_reason(e) if head in (b"PK", b"\x80\x02") or path.suffix == ".safetensors" else \
+            "neither a safetensors file nor one torch.save wrote"
+        raise UserError(f"{where} is not a readable weight file ({reason}); expected .safetensors or "
                         "a state dict of tensors saved with torch.save") from None
     for key in ("state_dict", "model", "teacher", "student"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
