@@ -14,11 +14,12 @@ from common import UserError, atomic_save_safetensors, load_error_reason
 
 
 def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,
-                    **kwargs) -> nn.Module:
+                    flag: str = "--init", **kwargs) -> nn.Module:
     """A timm model `name` with a `num_classes` head (0: pooled features only).
 
     init: 'imagenet' (timm's default pretrained tag, through the Hugging Face hub or its cache),
-    'random', or the path of a local weight file (safetensors or a state dict)."""
+    'random', or the path of a local weight file (safetensors or a state dict). flag: the
+    command-line flag that gave `init`, named in errors."""
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise UserError(f"unknown timm model '{name}' (see timm.list_models())")
     kwargs = dict(kwargs, num_classes=num_classes)
@@ -29,11 +30,11 @@ def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, 
             return _create(name, True, kwargs)
         except (OSError, RuntimeError, ValueError) as e:  # offline: LocalEntryNotFoundError is an OSError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--init imagenet: could not get ImageNet weights for {name} ({first[:160]}); "
-                            "use --init random or --init PATH to a local weight file") from None
+            raise UserError(f"{flag} imagenet: could not get ImageNet weights for {name} ({first[:160]}); "
+                            f"use {flag} random or {flag} PATH to a local weight file") from None
     model = _create(name, False, kwargs)
     if init != "random":
-        load_weights(model, init, flag="--init")
+        load_weights(model, init, flag=flag)
     return model
 
 

@@ -38,6 +38,10 @@ def get_args(argv=None):
                    "model works, e.g. densenet161 or swin_base_patch4_window12_384 for Tables 18-19)")
     g.add_argument("--vit", default="vit_base_patch16_384", help="timm name of arm 2 (a Transformer; "
                    "vit_large_patch16_384, deit_base_patch16_384 or densenet161 for the ablations)")
+    g.add_argument("--cnn-init", default=None,
+                   help="start of arm 1 if not --init's: imagenet, random or PATH (Tables 15/17: ResNet-200, "
+                        "which has no ImageNet weights in timm, starts random beside an ImageNet ViT)")
+    g.add_argument("--vit-init", default=None, help="start of arm 2 if not --init's: imagenet, random or PATH")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both arms (paper: 1e-3)")
     g.add_argument("--cnn-opt", choices=("adam", "sgd"), default="adam",
                    help="optimiser of arm 1; sgd (momentum 0.9, same lr) is the Table 10 ablation, which "
@@ -120,8 +124,11 @@ def main(argv=None):
 
     # ---- the two arms, their optimisers, schedules and SWA averages
     seed_everything(args.seed)
-    cnn = sync_batchnorm(create_backbone(args.cnn, args.init, img_size=args.img_size), device).to(device)
-    vit = sync_batchnorm(create_backbone(args.vit, args.init, img_size=args.img_size), device).to(device)
+    cnn_init, vit_init = args.cnn_init or args.init, args.vit_init or args.init
+    cnn = sync_batchnorm(create_backbone(args.cnn, cnn_init, img_size=args.img_size, flag="--cnn-init" if args.cnn_init
+                                         else "--init"), device).to(device)
+    vit = sync_batchnorm(create_backbone(args.vit, vit_init, img_size=args.img_size, flag="--vit-init" if args.vit_init
+                                         else "--init"), device).to(device)
     if device.type == "cuda":
         cnn = cnn.to(memory_format=torch.channels_last)
     opt_cnn = make_optimizer(args.cnn_opt, cnn.parameters(), args.lr, device)
@@ -156,7 +163,8 @@ def main(argv=None):
               if partial else f"resuming {out} after epoch {start_epoch}")
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
-    print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M) + {args.vit} ({count_params(vit) / 1e6:.1f}M), "
+    print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M, from {cnn_init}) + {args.vit} "
+          f"({count_params(vit) / 1e6:.1f}M, from {vit_init}), "
           f"{len(rows)} training images of {args.data}, {steps_per_epoch} steps/epoch, "
           f"{args.epochs} epochs on {device}{f' x {world_size()} processes' if world_size() > 1 else ''}, "
           f"{'device' if gpu else 'CPU'} augmentation, output {out}")

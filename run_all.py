@@ -144,15 +144,18 @@ class Cass:
     extra_aug: tuple = ()
     cnn_opt: str = "adam"
     head_act: str = "none"
+    cnn_init: Optional[str] = None  # arm 1's start when not `init` (ResNet-200: random beside an ImageNet ViT)
 
     method = "cass"
 
     def key(self) -> tuple:
         return ("cass", self.data, self.cnn, self.vit, self.bs, self.epochs, self.init, _aug_key(self.extra_aug),
-                self.cnn_opt, self.head_act)
+                self.cnn_opt, self.head_act) + ((self.cnn_init,) if self.cnn_init else ())
 
     def name(self) -> str:
         parts = [f"{self.cnn}+{self.vit}", f"bs{self.bs}", f"ep{self.epochs}", self.init]
+        if self.cnn_init:
+            parts.append(f"cnn_{self.cnn_init}")
         if self.extra_aug:
             parts.append("aug_" + "_".join(_aug_key(self.extra_aug)))
         if self.cnn_opt != "adam":
@@ -174,6 +177,8 @@ class Cass:
         a = ["pretrain_cass.py", "--data", self.data, *(["--data-root", data_root] if data_root else []),
              "--cnn", self.cnn, "--vit", self.vit, "--bs", str(self.bs), "--epochs", str(self.epochs),
              "--init", self.init, "--seed", str(seed), "--out", str(out)]
+        if self.cnn_init:
+            a += ["--cnn-init", self.cnn_init]
         if self.extra_aug:
             a += ["--extra-aug", ",".join(_aug_key(self.extra_aug))]
         if self.cnn_opt != "adam":
@@ -278,8 +283,11 @@ class TableDef:
 def default_cass(prof: Profile, data: str, **kw) -> Cass:
     c = Cass(data, prof.cnn, prof.vit, prof.bs, prof.epochs, prof.init)
     c = replace(c, **kw)
-    if prof.init == "imagenet" and (c.cnn in NO_IMAGENET or c.vit in NO_IMAGENET) and "init" not in kw:
-        c = replace(c, init="random")
+    if prof.init == "imagenet" and "init" not in kw:  # an arm timm has no ImageNet weights for starts random
+        if c.vit in NO_IMAGENET:
+            c = replace(c, init="random")
+        elif c.cnn in NO_IMAGENET:
+            c = replace(c, cnn_init="random")  # the ViT keeps its ImageNet start, as in Tables 15 and 17
     return c
 
 

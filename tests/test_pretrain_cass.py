@@ -101,3 +101,20 @@ def test_output_folder_of_another_run_is_refused(tmp_path):
     cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", "--stop-after-epoch", "1")
     proc = cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", "--lr", "0.01", check=False)
     assert proc.returncode == 2 and "differs in: lr" in proc.stderr
+
+
+def test_each_arm_can_start_from_its_own_weights(tmp_path):
+    """--vit-init PATH loads arm 2 from a file while arm 1 keeps --init random (Tables 15/17 have
+    a random ResNet-200 beside an ImageNet ViT). With a zero learning rate the ViT (LayerNorm only,
+    no running statistics) ends exactly as it started."""
+    from models import save_weights
+    start = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    torch.nn.init.normal_(start.head.weight)  # unlike any fresh initialisation
+    save_weights(start, tmp_path / "vit_start.safetensors")
+    proc = cass(tmp_path, "arms", "--epochs", "1", "--limit-train", "16", "--lr", "0", "--min-lr", "0", "--no-swa",
+                "--vit-init", tmp_path / "vit_start.safetensors")
+    assert "resnet18 (11.7M, from random)" in proc.stdout and "vit_start.safetensors)" in proc.stdout
+    a, b = load_file(tmp_path / "vit_start.safetensors"), load_file(tmp_path / "arms" / "vit_last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = cass(tmp_path, "bad", "--epochs", "1", "--cnn-init", tmp_path / "vit_start.safetensors", check=False)
+    assert bad.returncode == 2 and f"--cnn-init {tmp_path / 'vit_start.safetensors'} does not fit resnet18" in bad.stderr

@@ -144,6 +144,9 @@ def test_every_paper_table_is_planned_when_all_roots_are_set(tmp_path):
               "resnet200", "resnet18", "--extra-aug blur,solarize", "--head-act softmax", "--bs 8", "--epochs 300"):
         assert a in archs, a
     assert sum(j.kind == "maps" for j in jobs) == 4
+    # Tables 15 and 17: ResNet-200 (no ImageNet weights in timm) starts random, its ViT from ImageNet
+    r200 = [" ".join(j.argv) for j in jobs if j.kind == "cass" and "--cnn resnet200 " in " ".join(j.argv)]
+    assert r200 and all("--init imagenet" in a and "--cnn-init random" in a for a in r200)
 
 
 FAKE_SCRIPT = '''
