@@ -883,36 +883,49 @@ def cache_fingerprint(table: ImageTable, size: int, rows) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode_chunk(args):
-    """Worker of the cache build: decode rows into positions of the (temporary) .npy file.
-    Returns (number done, [(position, path, reason)] of the files that cannot be read: left zero)."""
-    tmp, paths, positions, size = args
-    out = np.load(tmp, mmap_mode="r+")
+def _decode_chunk(job, on_item=None):
+    """Worker of _decode_all: fully decode each (key, path) of a chunk. With `tmp` (the cache's
+    temporary .npy file) the resized image goes to position `key` of it; without, the file is only
+    read (check_images). on_item() is called after each file. Returns (number done, [(key, path,
+    reason)] of the files that cannot be read: their positions stay zero)."""
+    tmp, items, size = job
+    out = np.load(tmp, mmap_mode="r+") if tmp else None
     bad = []
-    for p, pos in zip(paths, positions):
+    for key, p in items:
         try:
-            out[pos] = decode_resized(p, size)
+            if out is None:
+                load_rgb(p)
+            else:
+                out[key] = decode_resized(p, size)
         except UserError as e:
-            bad.append((pos, str(p), getattr(e, "reason", str(e))))
-    out.flush()
-    return len(positions), bad
-
-
-def _check_chunk(items):
-    """Worker of check_images: fully decode each (row, path); returns (number done, [(row, path, reason)])."""
-    bad = []
-    for row, p in items:
-        try:
-            load_rgb(p)
-        except UserError as e:
-            bad.append((row, str(p), getattr(e, "reason", str(e))))
+            bad.append((key, str(p), getattr(e, "reason", str(e))))
+        if on_item is not None:
+            on_item()
+    if out is not None:
+        out.flush()
     return len(items), bad
 
 
-def _chunks(items, workers):
-    n = len(items)
-    chunk = max(16, min(256, n // (workers * 8) or 1))
-    return [items[a:a + chunk] for a in range(0, n, chunk)]
+def _decode_all(tmp, items, size, workers, desc, progress) -> list:
+    """_decode_chunk over every (key, path) of `items`, in `workers` forked processes (in this one
+    for few items or workers=0), with a progress bar; returns the sorted [(key, path, reason)] of
+    the files that cannot be read."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress or None, dynamic_ncols=True)
+    if workers > 0 and len(items) > 64:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        chunk = max(16, min(256, len(items) // (workers * 8) or 1))
+        jobs = [(tmp, items[a:a + chunk], size) for a in range(0, len(items), chunk)]
+        bad = []
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            for k, b in ex.map(_decode_chunk, jobs):
+                bad += b
+                bar.update(k)
+    else:
+        bad = _decode_chunk((tmp, items, size), on_item=lambda: bar.update(1))[1]
+    bar.close()
+    return sorted(bad)
 
 
 def check_images(table: ImageTable, rows=None, workers: int = 0, progress: bool = True) -> list:
@@ -921,25 +934,8 @@ def check_images(table: ImageTable, rows=None, workers: int = 0, progress: bool 
     Used by --no-cache --skip-bad-images (the cache build finds them itself). Arrays: nothing to check."""
     if table.array is not None or not table.paths:
         return []
-    from tqdm import tqdm
     rows = np.arange(len(table)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    items = [(int(r), table.paths[r]) for r in rows]
-    bad = []
-    bar = tqdm(total=len(items), desc="checking images", unit="img", disable=not progress or None,
-               dynamic_ncols=True)
-    if workers > 0 and len(items) > 64:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-            for k, b in ex.map(_check_chunk, _chunks(items, workers)):
-                bad += b
-                bar.update(k)
-    else:
-        for item in items:
-            bad += _check_chunk([item])[1]
-            bar.update(1)
-    bar.close()
-    return sorted(bad)
+    return _decode_all(None, [(int(r), table.paths[r]) for r in rows], None, workers, "checking images", progress)
 
 
 def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, workers: int = 0,
@@ -1006,8 +1002,6 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
     """Decode `rows` into the cache file and write its marker (returned). Unreadable files leave zeros
     and are listed in the marker's "bad" as {pos (in the file), row (in the table), path, reason}."""
     import shutil
-    from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
     n = len(rows)
     nbytes = n * size * size * 3
     free = shutil.disk_usage(path.parent).free
@@ -1022,29 +1016,10 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
     t0 = time.perf_counter()
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        paths = [table.paths[r] for r in rows]
-        bad = []
-        bar = tqdm(total=n, desc="decoding", unit="img", disable=not progress or None, dynamic_ncols=True)
-        if workers > 0 and n > 64:
-            out.flush()
-            del out
-            jobs = [(tmp, [p for _, p in c], [pos for pos, _ in c], size)
-                    for c in _chunks(list(enumerate(paths)), workers)]
-            import multiprocessing as mp
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-                for k, b in ex.map(_decode_chunk, jobs):
-                    bad += b
-                    bar.update(k)
-        else:
-            for pos, p in enumerate(paths):
-                try:
-                    out[pos] = decode_resized(p, size)
-                except UserError as e:
-                    bad.append((pos, str(p), getattr(e, "reason", str(e))))
-                bar.update(1)
-            out.flush()
-            del out
-        bar.close()
+        out.flush()
+        del out  # the decoding writes through its own memory maps (in worker processes or here)
+        bad = _decode_all(tmp, [(pos, table.paths[r]) for pos, r in enumerate(rows)], size, workers, "decoding",
+                          progress)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1054,8 +1029,7 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
         raise
     marker = {"fingerprint": fp, "data": table.name, "root": table.root, "size": size, "n": n,
               "version": CACHE_VERSION, "seconds": round(time.perf_counter() - t0, 2),
-              "bad": [{"pos": int(pos), "row": int(rows[pos]), "path": p, "reason": why}
-                      for pos, p, why in sorted(bad)]}
+              "bad": [{"pos": int(pos), "row": int(rows[pos]), "path": p, "reason": why} for pos, p, why in bad]}
     _write_marker(done, marker)
     return marker
 
