@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,7 @@ def prepare_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp"):  # see _atomic: never the latest version of anything
         tmp.unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", json.loads(json.dumps(config)))
+    atomic_write_json(out / "config.json", config)
     return out
 
 
@@ -369,10 +370,10 @@ class StopOnSignal:
             return self.signum is not None
         if step is not None and step % 20:
             return False
-        flag = all_reduce_sum(torch.tensor([float(self.signum is not None)], device=self.device))
-        if flag.item() > 0 and self.signum is None:
+        anyone = all_reduce_sum(torch.tensor([float(self.signum is not None)], device=self.device)).item() > 0
+        if anyone and self.signum is None:
             self.signum = 15  # another process got it: stop together
-        return flag.item() > 0
+        return anyone
 
     def stop(self, out, where: str):
         """Raise Interrupted after the checkpoint of `where` (e.g. 'epoch 3 step 40') is saved.
@@ -381,6 +382,43 @@ class StopOnSignal:
         barrier()
         raise Interrupted(self.signum, f"{self._signal.Signals(self.signum).name} after {where}: checkpoint saved "
                                        f"in {out}; rerun the same command to continue from there")
+
+
+def save_mid_epoch(out, state: dict, epoch: int, step: int, t0: float, sums: dict, **extra):
+    """The checkpoint a signal asks for after `step` of `epoch` (both from 0): `state` with the last
+    complete epoch's number and a `partial` record: the steps done, the epoch's running sums
+    (tensors, or dicts of them; all-reduced first, so rank 0's hold every process's totals), the
+    seconds spent since `t0`, every random generator's state, and `extra` values."""
+    for t in _leaves(sums):
+        all_reduce_sum(t)
+    save_checkpoint(out, {**state, "epoch": epoch - 1, "partial": {
+        "step": step + 1, "sums": _tree_map(sums, lambda t: t.cpu()), "rng": rng_state(),
+        "seconds": time.perf_counter() - t0, **extra}})
+
+
+def resume_point(out, ckpt: dict):
+    """(first epoch to run, the `partial` record of an epoch a signal stopped, or None) of a loaded
+    checkpoint; prints where the run resumes."""
+    start, partial = ckpt["epoch"] + 1, ckpt.get("partial")
+    print(f"resuming {out} in epoch {start + 1} after its step {partial['step']} (stopped by a signal)"
+          if partial else f"resuming {out} after epoch {start}")
+    return start, partial
+
+
+def resume_mid_epoch(partial: dict, device):
+    """Restore the random generators saved by save_mid_epoch; returns (the running sums on `device`
+    on rank 0 and {} on the other processes, so the epoch's final all-reduce counts them once,
+    the seconds already spent)."""
+    set_rng_state(partial["rng"])
+    return (_tree_map(partial["sums"], lambda t: t.to(device)) if is_main() else {}), partial["seconds"]
+
+
+def _leaves(tree):
+    return [t for v in tree.values() for t in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def _tree_map(tree: dict, fn) -> dict:
+    return {k: _tree_map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 class LossWatch:

@@ -564,9 +564,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["early_stopping"])
         best_state = ckpt["best_state"]
-        start_epoch, partial = ckpt["epoch"] + 1, ckpt.get("partial")
-        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
-              if partial else f"resuming {out} after epoch {start_epoch}")
+        start_epoch, partial = common.resume_point(out, ckpt)
     log = common.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
     signals, watch, faults = common.StopOnSignal(device), common.LossWatch(device), common.FaultInjection()
@@ -582,13 +580,11 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)  # loss sum, images
-        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
-            if common.is_main():
-                sums = partial["sums"].to(device)
-            common.set_rng_state(partial["rng"])
-            t0 -= partial["seconds"]
-        lr = partial["lr"] if partial else opt.param_groups[0]["lr"]  # the rate the epoch started with
-        partial = None
+        lr = opt.param_groups[0]["lr"]  # the rate the epoch starts with
+        if partial:  # the epoch a signal stopped: its sums so far, random streams and starting rate
+            done, spent = common.resume_mid_epoch(partial, device)
+            sums = done.get("sums", sums)
+            t0, lr, partial = t0 - spent, partial["lr"], None
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))
         for step, (x, y, _) in enumerate(bar, start=skip):
@@ -603,10 +599,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
                 watch.check(epoch, out)
             if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
                 watch.check(epoch, out)  # never save weights that a NaN has reached
-                common.all_reduce_sum(sums)
-                common.save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
-                    "step": step + 1, "sums": sums.cpu(), "rng": common.rng_state(), "lr": lr,
-                    "seconds": time.perf_counter() - t0}})
+                common.save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums}, lr=lr)
                 signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         if args.sched_step == "epoch":
             sched.step()

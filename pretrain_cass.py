@@ -21,9 +21,9 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device, prepare_out_dir,
-                    rng_state, run_cli, save_checkpoint, seed_epoch, seed_everything, set_rng_state,
-                    setup_distributed, world_size)
+                    autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
+                    resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
+                    seed_everything, setup_distributed, world_size)
 from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
@@ -158,9 +158,7 @@ def main(argv=None):
                          (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
                          (swa_vit, "swa_vit")):
             obj.load_state_dict(ckpt[key])
-        start_epoch, partial = ckpt["epoch"] + 1, ckpt.get("partial")
-        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
-              if partial else f"resuming {out} after epoch {start_epoch}")
+        start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M, from {cnn_init}) + {args.vit} "
@@ -180,13 +178,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         stats = torch.zeros(3, device=device)  # loss sum, guard firings, samples
         moments = {}  # per-arm sums of normalised outputs and their squares (collapse signal)
-        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
-            if is_main():
-                stats = partial["stats"].to(device)
-                moments = {k: v.to(device) for k, v in partial["moments"].items()}
-            set_rng_state(partial["rng"])
-            t0 -= partial["seconds"]
-            partial = None
+        if partial:  # the epoch a signal stopped: its sums so far and its random streams
+            done, spent = resume_mid_epoch(partial, device)
+            stats, moments = done.get("stats", stats), done.get("moments", moments)
+            t0, partial = t0 - spent, None
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (x, _, _) in enumerate(bar, start=skip):
@@ -209,12 +204,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
                 watch.check(epoch, out)  # never save weights that a NaN has reached
-                all_reduce_sum(stats)
-                for s in moments.values():
-                    all_reduce_sum(s)
-                save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
-                    "step": step + 1, "stats": stats.cpu(), "moments": {k: v.cpu() for k, v in moments.items()},
-                    "rng": rng_state(), "seconds": time.perf_counter() - t0}})
+                save_mid_epoch(out, train_state(), epoch, step, t0, {"stats": stats, "moments": moments})
                 signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         if args.sched_unit == "epoch":
             sched_cnn.step(), sched_vit.step()

@@ -34,9 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device, prepare_out_dir,
-                    rng_state, run_cli, save_checkpoint, seed_epoch, seed_everything, set_rng_state,
-                    setup_distributed, world_size)
+                    autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
+                    resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
+                    seed_everything, setup_distributed, world_size)
 from datasets import dino_cache_size, load_data, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
@@ -394,9 +394,8 @@ def main(argv=None):
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         dino_loss.load_state_dict(ckpt["dino_loss"])
-        start_epoch, elapsed, partial = ckpt["epoch"] + 1, float(ckpt.get("elapsed", 0.0)), ckpt.get("partial")
-        print(f"resuming {out} in epoch {start_epoch + 1} after its step {partial['step']} (stopped by a signal)"
-              if partial else f"resuming {out} after epoch {start_epoch}")
+        elapsed = float(ckpt.get("elapsed", 0.0))
+        start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
     print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
@@ -418,12 +417,10 @@ def main(argv=None):
         student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
-        if partial:  # the sums so far (rank 0 holds the all-process totals) and the random streams
-            if is_main():
-                sums = partial["sums"].to(device)
-            set_rng_state(partial["rng"])
-            t0 -= partial["seconds"]
-            partial = None
+        if partial:  # the epoch a signal stopped: its sums so far and its random streams
+            done, spent = resume_mid_epoch(partial, device)
+            sums = done.get("sums", sums)
+            t0, partial = t0 - spent, None
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (crops, _, _) in enumerate(bar, start=skip):
@@ -440,19 +437,16 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
                 watch.check(epoch, out, hint)  # never save weights that a NaN has reached
-                all_reduce_sum(sums)
-                save_checkpoint(out, {**train_state(), "epoch": epoch - 1, "partial": {
-                    "step": step + 1, "sums": sums.cpu(), "rng": rng_state(), "seconds": time.perf_counter() - t0}})
+                save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums})
                 signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         watch.check(epoch, out, hint)
-        n_steps = steps_per_epoch
-        mean = (all_reduce_sum(sums) / (n_steps * world_size())).tolist()  # torchrun: over every process
+        mean = (all_reduce_sum(sums) / (steps_per_epoch * world_size())).tolist()  # torchrun: over every process
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         elapsed += seconds
-        last = epoch * steps_per_epoch + n_steps - 1
-        n_img = n_steps * args.bs
+        last = (epoch + 1) * steps_per_epoch - 1
+        n_img = steps_per_epoch * args.bs
         row = {"epoch": epoch, "loss": mean[0], "lr": float(lr_schedule[last]), "wd": float(wd_schedule[last]),
                "teacher_temp": dino_loss.teacher_temp(epoch), "momentum": float(momentum_schedule[last]),
                "seconds": seconds, "total_seconds": elapsed, "img_per_s": n_img / seconds,
