@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -280,7 +281,6 @@ def save_checkpoint(out: Path, state: dict):
 def _save_half_then_die(obj, f, *args, _save=torch.save, **kw):
     """A crash in the middle of writing a file (CASS_INJECT_FAULT=kill-in-save@EPOCH): half of it
     reaches the disk, then the process is killed."""
-    import signal
     _save(obj, f, *args, **kw)
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
@@ -349,20 +349,17 @@ class StopOnSignal:
     after the same step, so they agree by an all-reduce, every 20 steps (and whenever step is None)."""
 
     def __init__(self, device):
-        import signal
         self.device, self.signum = device, None
-        self._signal = signal
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
-        sig = self._signal
         if self.signum is not None:  # the second one: act as if nothing had been installed
-            sig.signal(signum, sig.default_int_handler if signum == sig.SIGINT else sig.SIG_DFL)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        print(f"\n{sig.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
               "(send it again to quit at once)", file=sys.stderr, flush=True)
 
     def requested(self, step=None) -> bool:
@@ -380,7 +377,7 @@ class StopOnSignal:
         Under torchrun every process first waits for rank 0's write: torchrun ends the others with
         SIGTERM as soon as one exits non-zero."""
         barrier()
-        raise Interrupted(self.signum, f"{self._signal.Signals(self.signum).name} after {where}: checkpoint saved "
+        raise Interrupted(self.signum, f"{signal.Signals(self.signum).name} after {where}: checkpoint saved "
                                        f"in {out}; rerun the same command to continue from there")
 
 
@@ -478,7 +475,6 @@ class FaultInjection:
                 self.faults.append((kind, int(e) - 1, int(st) - 1))
 
     def batch(self, x, epoch: int, step: int):
-        import signal
         for kind, e, st in self.faults:
             if (e, st) != (epoch, step):
                 continue
