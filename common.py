@@ -198,7 +198,8 @@ def atomic_save_figure(path, fig):
 # ---------------------------------------------------------------- run folders
 
 # Flags that change how a run is executed, not what it computes: a resume may change them.
-RUNTIME_FLAGS = ("workers", "device", "force", "cache", "gpu_aug", "cache_dir", "compile")
+RUNTIME_FLAGS = ("workers", "device", "force", "cache", "gpu_aug", "cache_dir", "compile", "monitor",
+                 "monitor_bank", "monitor_val")
 
 
 def check_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:

@@ -13,7 +13,6 @@ Rerunning the same command resumes from the last finished epoch in the output fo
 """
 
 import argparse
-import math
 import time
 
 import torch
@@ -23,11 +22,12 @@ from tqdm import tqdm
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
                     autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
                     resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
-                    seed_everything, setup_distributed, world_size)
+                    is_main, seed_everything, setup_distributed, world_size)
 from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
 from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
 def get_args(argv=None):
@@ -70,6 +70,7 @@ def get_args(argv=None):
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
     g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    add_monitor_args(p)
     args = p.parse_args(argv)
     args.extra_aug = tuple(a for a in args.extra_aug.split(",") if a)
     if args.out is None:
@@ -160,6 +161,9 @@ def main(argv=None):
             obj.load_state_dict(ckpt[key])
         start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+    monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed) \
+        if args.monitor and is_main() else None  # (rank 0 alone measures; the others go on)
+    collapse = CollapseWarning(log.rows)
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M, from {cnn_init}) + {args.vit} "
           f"({count_params(vit) / 1e6:.1f}M, from {vit_init}), "
@@ -194,11 +198,7 @@ def main(argv=None):
                 stats[0] += loss.detach() * len(x)
                 stats[1] += fired
                 stats[2] += len(x)
-                for name, z in (("cnn", r), ("vit", t)):
-                    z = torch.nn.functional.normalize(z.float(), dim=-1)
-                    s = moments.setdefault(name, torch.zeros(2, z.shape[1], device=device))
-                    s[0] += z.sum(0)
-                    s[1] += (z * z).sum(0)
+                output_moments(moments, "cnn", r), output_moments(moments, "vit", t)
             if step % 20 == 0:  # the only host sync inside the epoch
                 watch.check(epoch, out)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -221,14 +221,16 @@ def main(argv=None):
         row = {"epoch": epoch, "loss": loss_sum / n, "lr_cnn": opt_cnn.param_groups[0]["lr"],
                "lr_vit": opt_vit.param_groups[0]["lr"], "seconds": seconds, "img_per_s": n / seconds,
                "guard_fired": int(fired_n)}
-        for name, s in moments.items():  # mean over dimensions of the per-dimension std; 0 means collapse
-            mean, sq = s[0] / n, s[1] / n
-            row[f"{name}_std"] = (sq - mean * mean).clamp_min(0).sqrt().mean().item()
-        row["uniform_std"] = 1 / math.sqrt(moments["cnn"].shape[1])  # what a non-collapsed spread looks like
+        row.update(output_spreads(moments, n))  # spread of the normalised logits; 0 means collapse
+        row["uniform_std"] = 1 / moments["cnn"].shape[1] ** 0.5  # what an even spread looks like
+        if monitor is not None:  # pooled features: spread, effective rank, online k-NN (monitors.py)
+            row.update(monitor.measure({"cnn": cnn, "vit": vit}))
+        collapse.check(row, epoch, tqdm.write)
         log.append(row)
         save_checkpoint(out, {**train_state(), "epoch": epoch})
-        tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {row['loss']:.4f} cnn_std {row['cnn_std']:.4f} "
-                   f"vit_std {row['vit_std']:.4f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+        tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {row['loss']:.4g} cnn_std {row['cnn_std']:.4f} "
+                   f"vit_std {row['vit_std']:.4f} {seconds:.1f}s {row['img_per_s']:.1f} img/s"
+                   + (f" | {monitor_line(row)}" if monitor is not None else ""))
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
         if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
@@ -250,6 +252,8 @@ def main(argv=None):
         save_weights(cnn, out / "cnn.safetensors")
         save_weights(vit, out / "vit.safetensors")
     total = sum(float(r["seconds"]) for r in log.rows)
+    if is_main():
+        plot_run(out)
     print(f"done: {args.epochs} epochs, {total:.0f}s of training ({time.perf_counter() - t_run:.0f}s this "
           f"session); weights {out / 'cnn.safetensors'} and {out / 'vit.safetensors'}, log {out / 'log.csv'}")
 

@@ -36,11 +36,12 @@ from tqdm import tqdm
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
                     autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
                     resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
-                    seed_everything, setup_distributed, world_size)
-from datasets import dino_cache_size, load_data, make_loader, write_skipped
+                    is_main, seed_everything, setup_distributed, world_size)
+from datasets import dino_cache_size, load_data, load_table, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
 from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
 def get_args(argv=None):
@@ -118,6 +119,7 @@ def get_args(argv=None):
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
     g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
+    add_monitor_args(p)
     args = p.parse_args(argv)
     if args.out is None:
         args.out = f"runs/dino/{args.data}-{args.arch}-bs{args.bs}-ep{args.epochs}-seed{args.seed}"
@@ -312,7 +314,8 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
     """One DINO iteration: set lr and weight decay, teacher forward on the 2 global crops, student
     forward on all crops, loss, backward, per-parameter clipping, last layer frozen during the first
     `freeze_last_layer` epochs, optimiser step, then the teacher's EMA update.
-    Returns (loss, stats) as device tensors (no host sync)."""
+    Returns (loss, stats) as device tensors (no host sync); stats["teacher_out"] holds the teacher's
+    outputs for the collapse monitor."""
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = lr
         if i == 0:  # only the first group is regularised
@@ -333,7 +336,7 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
         cancel_last_layer_grads(student)
     optimizer.step()
     ema_update(teacher, student, momentum)
-    return loss.detach(), stats
+    return loss.detach(), {**stats, "teacher_out": teacher_out.detach()}
 
 
 def is_cnn_input(model):
@@ -397,6 +400,11 @@ def main(argv=None):
         elapsed = float(ckpt.get("elapsed", 0.0))
         start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+    monitor = None
+    if args.monitor and is_main():  # the evaluation view of the original images (the cache holds DINO's crop source)
+        monitor = Monitor(load_table(args.data, args.data_root, args.cache_dir), split, args.img_size, device,
+                          args.monitor_bank, args.monitor_val, seed=args.seed)
+    collapse = CollapseWarning(log.rows)
 
     print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
           f"{count_params(student.head) / 1e6:.1f}M head, drop path {dpr}), {len(rows)} training images of "
@@ -417,9 +425,10 @@ def main(argv=None):
         student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
+        moments = {}  # sums of the teacher's normalised outputs and their squares (collapse signal)
         if partial:  # the epoch a signal stopped: its sums so far and its random streams
             done, spent = resume_mid_epoch(partial, device)
-            sums = done.get("sums", sums)
+            sums, moments = done.get("sums", sums), done.get("moments", moments)
             t0, partial = t0 - spent, None
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
@@ -432,15 +441,18 @@ def main(argv=None):
                                   freeze_last_layer=args.freeze_last_layer, device=device)
             watch.update(loss, step)
             sums += torch.stack([loss, st["teacher_entropy"], st["teacher_kl_to_mean"], st["student_kl"]])
+            output_moments(moments, "teacher", st["teacher_out"])
             if step % 20 == 0:  # the only host sync inside the epoch
                 watch.check(epoch, out, hint)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
                 watch.check(epoch, out, hint)  # never save weights that a NaN has reached
-                save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums})
+                save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums, "moments": moments})
                 signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         watch.check(epoch, out, hint)
         mean = (all_reduce_sum(sums) / (steps_per_epoch * world_size())).tolist()  # torchrun: over every process
+        for s in moments.values():
+            all_reduce_sum(s)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -452,10 +464,15 @@ def main(argv=None):
                "seconds": seconds, "total_seconds": elapsed, "img_per_s": n_img / seconds,
                "teacher_entropy": mean[1], "teacher_kl_to_mean": mean[2], "student_kl": mean[3],
                "max_entropy": max_entropy}
+        row.update(output_spreads(moments, 2 * n_img * world_size()))  # the teacher sees 2 global crops an image
+        if monitor is not None:  # the teacher's backbone (what is saved): spread, effective rank, online k-NN
+            row.update(monitor.measure({"teacher": teacher.backbone}))
+        collapse.check(row, epoch, tqdm.write)
         log.append(row)
         save_checkpoint(out, {**train_state(), "epoch": epoch})
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {mean[0]:.4f} teacher entropy {mean[1]:.3f} "
-                   f"(max {max_entropy:.2f}) kl_to_mean {mean[2]:.3f} {seconds:.1f}s {row['img_per_s']:.1f} img/s")
+                   f"(max {max_entropy:.2f}) kl_to_mean {mean[2]:.3f} {seconds:.1f}s {row['img_per_s']:.1f} img/s"
+                   + (f" | {monitor_line(row)}" if monitor is not None else ""))
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
         if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
@@ -465,6 +482,8 @@ def main(argv=None):
     # ---- final weights: the teacher's backbone (what DINO evaluates) and the student's
     save_weights(teacher.backbone, out / "backbone.safetensors")
     save_weights(student.backbone, out / "student_backbone.safetensors")
+    if is_main():
+        plot_run(out)
     print(f"done: {args.epochs} epochs, {elapsed:.0f}s of training ({time.perf_counter() - t_run:.0f}s this "
           f"session); teacher backbone {out / 'backbone.safetensors'}, log {out / 'log.csv'}")
 

@@ -66,8 +66,14 @@ class Profile:
     seeds_by_data: tuple = ()  # ((data, seeds), ...): other seeds for some data sets
     runs_dir: str = ""  # default runs/<name>
     results_dir: str = ""  # default results/<name>
+    seeds_by_frac: tuple = ()  # ((label fraction, seeds), ...): other fine-tuning seeds at some fractions
+    ft_epochs_by_frac: tuple = ()  # ((label fraction, epochs), ...): fine-tuning --epochs per fraction
+    data_roots_needed: bool = False  # the mode reads real data sets (their roots must be given)
 
-    def seeds_for(self, data: str) -> tuple:
+    def seeds_for(self, data: str, frac: float = None) -> tuple:
+        by_frac = {round(f, 6): s for f, s in self.seeds_by_frac}
+        if frac is not None and round(frac, 6) in by_frac:
+            return by_frac[round(frac, 6)]
         return dict(self.seeds_by_data).get(data, self.seeds)
 
     @property
@@ -104,7 +110,27 @@ PAPER = Profile(
     name="paper", cnn="resnet50", vit="vit_base_patch16_384", bs=16, epochs=100, init="imagenet",
     seeds=(0, 1, 2, 3, 4), pretrain_seeds=5, maps_args=("--img-size", "384"),
 )
-PROFILES = {"quick": QUICK, "paper": PAPER}
+
+# CPU: the paper's brain-MRI study (Table 4 and Table 2's timing) on real data, sized to finish within
+# 2 hours on a 2-core CPU (README, "The real-data CPU study"): ResNet-18 + ViT-Ti/16 at 64 px from
+# random init (no weights can be downloaded), batch 16, the paper's recipe otherwise. CASS and DINO
+# (each backbone) pretrain for the same 3 epochs on the 4,995 training images; DINO gets a 4,096-d
+# head and 2 local crops of 32 px instead of 65,536 and 8 x 96 px, and a 1-epoch warm-up (a CPU
+# budget; CASS gets no such help). Fine-tuning keeps the paper's protocol (Adam 3e-4, cosine, focal
+# loss with min-max class weights, patience 5) for 15 / 10 / 3 epochs at 1% / 10% / 100% labels,
+# 3 seeds at 1% and 10% and 2 at 100%; every frozen backbone (CASS arms, DINO, random init) also
+# gets a 20-NN and a linear probe on 100% of the labels. Two runs at a time, one thread each.
+CPU_IMG = 64
+CPU = Profile(
+    name="cpu", cnn="resnet18", vit="vit_tiny_patch16_224", bs=16, epochs=3, init="random",
+    seeds=(0, 1, 2), pretrain_seeds=1, jobs=2, seeds_by_frac=((1.0, (0, 1)),),
+    ft_epochs_by_frac=((0.01, 15), (0.1, 10), (1.0, 3)), data_roots_needed=True,
+    cass_args=("--img-size", str(CPU_IMG), "--workers", "0"),
+    dino_args=("--img-size", str(CPU_IMG), "--local-size", "32", "--local-crops", "2", "--out-dim", "4096",
+               "--warmup-epochs", "1", "--workers", "0"),
+    ft_args=("--img-size", str(CPU_IMG), "--workers", "0"),
+)
+PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU}
 
 # timm has no ImageNet weights for plain ResNet-200 (only resnet200d); the paper used random init.
 NO_IMAGENET = {"resnet200"}
@@ -229,6 +255,7 @@ class Finetune:
     source: Optional[object] = None  # Cass | Dino | None (supervised)
     arm: Optional[str] = None  # 'cnn' | 'vit' (which arm of CASS; for DINO and supervised: the role)
     init: str = "imagenet"
+    eval: str = "finetune"  # finetune | knn | linear (finetune.py --eval: frozen-feature probes)
 
     @property
     def method(self) -> str:
@@ -237,7 +264,8 @@ class Finetune:
     def key(self) -> tuple:
         src = self.source.key() if self.source is not None else ("supervised", self.init)
         arm = self.arm if self.method == "cass" else None
-        return (self.data, self.arch, round(float(self.frac), 6), src, arm)
+        return (self.data, self.arch, round(float(self.frac), 6), src, arm) + \
+            ((self.eval,) if self.eval != "finetune" else ())
 
     def group(self) -> str:
         if self.source is None:
@@ -250,7 +278,8 @@ def pretrain_dir(prof: Profile, src, seed: int) -> Path:
 
 
 def finetune_dir(prof: Profile, ft: Finetune, seed: int) -> Path:
-    return prof.runs / ft.data / "finetune" / ft.group() / f"{ft.arch}-frac{ft.frac:g}-seed{seed}"
+    probe = f"-{ft.eval}" if ft.eval != "finetune" else ""
+    return prof.runs / ft.data / "finetune" / ft.group() / f"{ft.arch}{probe}-frac{ft.frac:g}-seed{seed}"
 
 
 def pretrain_seed(prof: Profile, seed: int) -> int:
@@ -278,6 +307,10 @@ class TableDef:
     note: str = ""
     sources: list = field(default_factory=list)  # time: [(row, Cass, Dino cnn, Dino vit, paper)]
     maps_n: int = 30
+    seeds: tuple = ()  # the table's own seeds (probes: one), instead of the profile's
+
+    def seeds_of(self, prof: Profile, ft: "Finetune") -> tuple:
+        return self.seeds or prof.seeds_for(ft.data, ft.frac)
 
 
 def default_cass(prof: Profile, data: str, **kw) -> Cass:
@@ -341,6 +374,8 @@ def study(prof: Profile) -> dict:
     """{name: TableDef} of the mode: the paper's tables and figures, or the quick miniature."""
     if prof.name == "quick":
         return quick_study(prof)
+    if prof.name == "cpu":
+        return cpu_study(prof)
     P, t = prof, {}
     main = {"table1": "autoimmune", "table3": "dermofit", "table4": "brain-mri", "table5": "isic2019"}
     for name, data in main.items():
@@ -443,6 +478,34 @@ def quick_study(prof: Profile) -> dict:
     return t
 
 
+def cpu_study(prof: Profile) -> dict:
+    """The brain-MRI study on a CPU: Table 4's shape with the paper's numbers beside (another scale and
+    init), the frozen backbones' probes, and Table 2's timing measured in the same run."""
+    data, t = "brain-mri", {}
+    t["cpu_brain_mri"] = TableDef(
+        "cpu_brain_mri", "Brain MRI, fine-tuned: test F1 (macro) (ours: ResNet-18 / ViT-Ti/16, 64 px, random init, "
+        f"{prof.epochs} pretraining epochs, CPU; paper: ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs)",
+        data, "f1_macro", "main", main_cells(prof, data, (0.01, 0.1, 1.0), "table4"))
+    cells = []
+    for arm in ("cnn", "vit"):
+        arch = prof.cnn if arm == "cnn" else prof.vit
+        for row, src in (("CASS", default_cass(prof, data)), ("DINO", default_dino(prof, data, arch)),
+                         ("Random init", None)):
+            for ev, col in (("knn", "20-NN"), ("linear", "linear probe")):
+                ft = Finetune(data, arch, 1.0, src, arm, prof.init, eval=ev)
+                cells.append(Cell(f"{row} ({label(arch)})", col, ft))
+    t["cpu_frozen"] = TableDef("cpu_frozen", "Brain MRI, frozen pooled features with 100% of the labels: test "
+                               "accuracy of a cosine 20-NN vote and of a logistic-regression probe", data,
+                               "accuracy", "main", cells, seeds=(0,))
+    t["cpu_frozen_f1"] = replace(t["cpu_frozen"], name="cpu_frozen_f1", metric="f1_macro",
+                                 title=t["cpu_frozen"].title.replace("test accuracy", "test F1 (macro)"))
+    t["cpu_time"] = TableDef("cpu_time", f"Pretraining wall time, CASS vs DINO ({prof.epochs} epochs, brain MRI, "
+                             "2-core CPU)", "", "seconds", "time",
+                             sources=[(data, default_cass(prof, data), default_dino(prof, data, prof.cnn),
+                                       default_dino(prof, data, prof.vit), PR.TABLE2[data])])
+    return t
+
+
 # ---------------------------------------------------------------- the plan
 
 @dataclass
@@ -487,7 +550,7 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
     are skipped with a message."""
     tables = study(prof)
     jobs, seen = [], set()
-    needs_roots = prof.name == "paper"  # the synthetic data of the quick mode needs none
+    needs_roots = prof.name == "paper" or prof.data_roots_needed  # the quick mode's synthetic data needs none
 
     def add(job):
         if str(job.out) not in seen:
@@ -508,6 +571,8 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
     def add_finetune(ft, seed):
         argv = ["finetune.py", "--data", ft.data, *(["--data-root", roots[ft.data]] if ft.data in roots else []),
                 "--arch", ft.arch, "--label-frac", f"{ft.frac:g}", "--seed", str(seed)]
+        if ft.eval != "finetune":
+            argv += ["--eval", ft.eval]
         needs = ()
         if ft.source is not None:
             pre = add_pretrain(ft.source, pretrain_seed(prof, seed))
@@ -517,8 +582,10 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
         else:
             argv += ["--init", ft.init]
         out = finetune_dir(prof, ft, seed)
-        add(Job("finetune", out, argv + ["--out", str(out), *prof.ft_args], done=("metrics.json",), needs=needs,
-                after=add_data(ft.data)))
+        epochs = dict((round(f, 6), e) for f, e in prof.ft_epochs_by_frac).get(round(ft.frac, 6))
+        extra = ["--epochs", str(epochs)] if epochs and ft.eval == "finetune" else []
+        add(Job("finetune", out, argv + ["--out", str(out), *prof.ft_args, *extra], done=("metrics.json",),
+                needs=needs, after=add_data(ft.data)))
         return out
 
     for name in names:
@@ -538,10 +605,10 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
             continue
         for cell in td.cells:  # the pretraining runs first, so they start as early as possible
             if cell.ft.source is not None:
-                for seed in prof.seeds_for(cell.ft.data):
+                for seed in td.seeds_of(prof, cell.ft):
                     add_pretrain(cell.ft.source, pretrain_seed(prof, seed))
         for cell in td.cells:
-            for seed in prof.seeds_for(cell.ft.data):
+            for seed in td.seeds_of(prof, cell.ft):
                 add_finetune(cell.ft, seed)
         if td.kind == "maps":
             add(maps_job(prof, td, roots))
@@ -750,7 +817,9 @@ def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: fl
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=sorted(PROFILES), help="quick: synthetic miniature on CPU; paper: the paper")
+    p.add_argument("mode", choices=sorted(PROFILES),
+                   help="quick: synthetic miniature on CPU; cpu: the brain-MRI study on real data on a CPU "
+                        "(BRAIN_MRI_ROOT, under 2 hours on 2 cores); paper: the paper")
     p.add_argument("tables", nargs="*",
                    help="paper mode: tables/figures to run (table1 ... table21, fig2, fig7 ... fig10; fig3, fig5 "
                         "and fig6 come with fig7); default all")
@@ -783,7 +852,7 @@ def get_args(argv=None):
     if args.seeds is not None:
         if args.seeds < 1:
             p.error("--seeds must be at least 1")
-        prof = replace(prof, seeds=tuple(range(args.seeds)), seeds_by_data=(),
+        prof = replace(prof, seeds=tuple(range(args.seeds)), seeds_by_data=(), seeds_by_frac=(),
                        pretrain_seeds=min(prof.pretrain_seeds, args.seeds) if args.pretrain_seeds is None
                        else prof.pretrain_seeds)
     if args.pretrain_seeds is not None:
@@ -799,8 +868,8 @@ def get_args(argv=None):
             p.error(f"unknown table '{n}' for mode {args.mode} (choose from {', '.join(known)})")
         if n not in names:
             names.append(n)
-    if args.mode == "quick" and names:
-        p.error("quick mode runs its whole miniature; name tables only in paper mode")
+    if args.mode != "paper" and names:
+        p.error(f"{args.mode} mode runs its whole study; name tables only in paper mode")
     args.names = names or known
     if args.no_maps:
         args.names = [n for n in args.names if study(prof)[n].kind != "maps"]
@@ -813,8 +882,10 @@ def main(argv=None):
         return prepare_data(*argv[1:])
     args, prof = get_args(argv)
     roots = roots_from(args)
-    if prof.name == "paper":
+    if prof.data_roots_needed or prof.name == "paper":
         for data, (env, flag, _) in DATA_ROOTS.items():
+            if prof.name == "cpu" and data != "brain-mri":
+                continue
             print(f"  {data:11s} {roots.get(data, '(not set: ' + env + ' / ' + flag + ')')}")
     jobs = plan(prof, args.names, roots)
     jobs.append(tables_job(prof))

@@ -2,6 +2,7 @@
 # The whole CASS study, resumable: a thin wrapper around run_all.py (the planner).
 #
 #   bash run_all.sh quick                     # synthetic miniature on CPU (< 15 min on 2 cores)
+#   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh cpu   # the brain-MRI study on real data (CPU, < 2 h)
 #   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
 #   bash run_all.sh paper table1 table6 fig2  # only these
 #   bash run_all.sh paper --dry-run           # list the plan, run nothing (or DRY_RUN=1 bash run_all.sh ...)
@@ -18,9 +19,9 @@ if [[ -z "$PY" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 
-# The quick mode needs no download (random init, generated data): never wait for the network.
+# The quick and cpu modes need no download (random init): never wait for the network.
 # The paper mode starts from ImageNet weights, fetched from the Hugging Face hub or its cache.
-if [[ "${1:-}" == "quick" ]]; then
+if [[ "${1:-}" == "quick" || "${1:-}" == "cpu" ]]; then
     export HF_HUB_OFFLINE=1
 fi
 

@@ -25,6 +25,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import paper_results as PR
 import run_all as RA
 from aggregate import aggregate
 from common import atomic_save_figure, atomic_write_text
+from monitors import COLLAPSE_FRAC
 
 ROOT = Path(__file__).resolve().parent
 DASH = "—"
@@ -70,21 +73,23 @@ def pretrain_key(cfg: dict):
 
 
 def finetune_key(cfg: dict, bases):
-    """run_all's key of a fine-tuning run from its config.json, or None (not a fine-tuning run, a
-    frozen-feature evaluation, or weights whose pretraining folder is gone or unknown)."""
-    if "label_frac" not in cfg or "arch" not in cfg or cfg.get("eval", "finetune") != "finetune":
+    """run_all's key of a fine-tuning run or frozen-feature evaluation (--eval knn / linear) from its
+    config.json, or None (not such a run, or weights whose pretraining folder is gone or unknown)."""
+    if "label_frac" not in cfg or "arch" not in cfg:
         return None
     frac = round(float(cfg["label_frac"]), 6)
+    ev = cfg.get("eval", "finetune")
+    probe = (ev,) if ev != "finetune" else ()
     w = cfg.get("weights")
     if not w:
-        return (cfg["data"], cfg["arch"], frac, ("supervised", str(cfg.get("init", "imagenet"))), None)
+        return (cfg["data"], cfg["arch"], frac, ("supervised", str(cfg.get("init", "imagenet"))), None) + probe
     wpath = _resolve(w, bases)
     pcfg = _read_json(wpath.parent / "config.json")
     src = pretrain_key(pcfg) if pcfg else None
     if src is None:
         return None
     arm = wpath.name.split(".")[0] if src[0] == "cass" else None  # cnn | vit (cnn_last etc. never match)
-    return (cfg["data"], cfg["arch"], frac, src, arm)
+    return (cfg["data"], cfg["arch"], frac, src, arm) + probe
 
 
 class Runs:
@@ -210,19 +215,20 @@ def build_cells_table(td, runs: Runs, quick: bool):
             cols.append(c.col)
     grid = {(c.row, c.col): c for c in td.cells}
     header = ["Method (backbone)" if td.kind == "main" else "Setting"]
+    with_paper = quick or any(c.paper is not None for c in td.cells)  # (the paper has no such table: ours only)
     for col in cols:
-        header += [f"{col} ours", f"{col} paper"]
+        header += [f"{col} ours", f"{col} paper"] if with_paper else [f"{col} ours"]
     md_rows, csv_rows, filled = [], [], 0
     for r in rows:
         line = [r]
         for col in cols:
             c = grid.get((r, col))
             if c is None:
-                line += ["", ""]
+                line += ["", ""] if with_paper else [""]
                 continue
             stat, unfinished = runs.cell(c.ft, td.metric)
             filled += stat is not None
-            line += [fmt_stat(stat, unfinished), fmt_paper(c.paper, quick)]
+            line += [fmt_stat(stat, unfinished)] + ([fmt_paper(c.paper, quick)] if with_paper else [])
             mean, std, n = stat if stat else (None, None, 0)
             csv_rows.append([td.name, td.data, td.metric, r, col, c.ft.method, c.ft.arch, c.ft.frac,
                              _num(mean), _num(std), n, unfinished,
@@ -331,6 +337,56 @@ def build_figure2(td, runs: Runs, out_png: Path, quick: bool, arch_names):
 
 # ---------------------------------------------------------------- main
 
+def _f(x, digits=3):
+    try:
+        return f"{float(x):.{digits}f}"
+    except (TypeError, ValueError):
+        return DASH
+
+
+def build_monitor_table(runs: Runs, out_dir: Path):
+    """The label-free monitors (monitors.py) of every pretraining run found: first and last epoch per
+    arm, the epoch of the collapse warning, and each run's monitors.png copied to figures/monitors/.
+    Returns (markdown, csv, number of runs)."""
+    header = ["Run", "Arm", "Epochs", "Loss (first → last)", "Output spread / even (first → last)",
+              "Feature spread / even (last)", "Effective rank (first → last)", "20-NN accuracy (first → last)",
+              "Collapse warning"]
+    md_rows, csv_rows, figures = [], [], []
+    for key, dirs in sorted(runs.pretrain.items(), key=lambda kv: str(kv[0])):
+        for d in dirs:
+            rows = _read_log(d / "log.csv")
+            if not rows or not any(k.endswith("_rank") for k in rows[0]):
+                continue
+            first, last = rows[0], rows[-1]
+            warned = next((f"epoch {int(r['epoch']) + 1} ({r['collapse']})" for r in rows if r.get("collapse")), "none")
+            arms = [k[: -len("_rank")] for k in first if k.endswith("_rank")]
+            name = f"{key[0]} {d.name}"
+            for a in arms:
+                md_rows.append([name, a, len(rows), f"{_f(first['loss'], 4)} → {_f(last['loss'], 4)}",
+                                f"{_f(first.get(f'{a}_std_frac'), 4)} → {_f(last.get(f'{a}_std_frac'), 4)}",
+                                _f(last.get(f"{a}_feat_std_frac")),
+                                f"{_f(first[f'{a}_rank'], 1)} → {_f(last[f'{a}_rank'], 1)}",
+                                f"{_f(first[f'{a}_knn'])} → {_f(last[f'{a}_knn'])}", warned])
+                csv_rows.append([key[0], d.name, a, len(rows), first["loss"], last["loss"],
+                                 first.get(f"{a}_std_frac", ""), last.get(f"{a}_std_frac", ""),
+                                 last.get(f"{a}_feat_std_frac", ""), first[f"{a}_rank"], last[f"{a}_rank"],
+                                 first[f"{a}_knn"], last[f"{a}_knn"], warned])
+            png = d / "monitors.png"
+            if png.is_file():
+                dest = out_dir / "figures" / "monitors" / f"{key[0]}-{d.name}.png"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(png, tmp)
+                os.replace(tmp, dest)
+                figures.append((name, dest.relative_to(out_dir)))
+    md = markdown_table(header, md_rows)
+    md += "".join(f"\n\n![{n}]({p.as_posix()})" for n, p in figures)
+    csv_header = ["method", "run", "arm", "epochs", "loss_first", "loss_last", "out_std_frac_first",
+                  "out_std_frac_last", "feat_std_frac_last", "rank_first", "rank_last", "knn_first", "knn_last",
+                  "collapse_warning"]
+    return md, to_csv(csv_header, csv_rows), len({r[0] for r in md_rows})
+
+
 def build_all(mode: str, runs_dir, out_dir, prof=None):
     """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
     prof = prof or RA.PROFILES[mode]
@@ -355,7 +411,8 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
             head += (f"Metric: {PR.METRIC_LABEL.get(td.metric, td.metric)} on the test split, mean ± sample std "
                      f"(ddof=1) over seeds, n = finished runs. ")
             head += ("Paper column: n/a (the paper has no synthetic data).\n\n" if quick else
-                     "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1).\n\n")
+                     "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1).\n\n"
+                     if any(c.paper is not None for c in td.cells) else "The paper reports no such evaluation.\n\n")
         elif td.kind == "time":
             head += ("Sum of the per-epoch `seconds` in log.csv (mean over finished pretraining seeds); DINO = its "
                      "CNN run + its Transformer run, as the paper's Table 2. " +
@@ -367,11 +424,29 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         atomic_write_text(out_dir / f"{name}.md", "#" + section.lstrip("#"))
         atomic_write_text(out_dir / f"{name}.csv", cs)
         sections.append(section)
+    md, cs, n_mon = build_monitor_table(runs, out_dir)
+    if n_mon:
+        section = ("## monitors: label-free monitors of the pretraining runs\n\n"
+                   "Per epoch in each run's log.csv (monitors.py): the spread of the L2-normalised outputs the loss "
+                   "compares (training batches) and of the pooled backbone features (a fixed sample of training "
+                   "images), as a fraction of an even spread 1/sqrt(d) (0 = every image gives the same vector); the "
+                   "effective rank (RankMe) of those features; and a cosine 20-NN accuracy of a fixed validation "
+                   f"sample against them. A run warns once when an output spread falls below "
+                   f"{COLLAPSE_FRAC:g} of an even spread.\n\n" + md + "\n")
+        atomic_write_text(out_dir / "monitors.md", "#" + section.lstrip("#"))
+        atomic_write_text(out_dir / "monitors.csv", cs)
+        sections.append(section)
+        summary["monitors"] = (n_mon, n_mon)
     banner = (f"# Results ({mode} mode)\n\n" + (
         "**Synthetic-data miniature.** Small backbones (ResNet-18, ViT-Ti/16) at 32 px, random init, a few epochs "
         "on CPU, on the embedded synthetic microscopy data. These numbers test that the pipeline runs end to end; "
         "they do NOT reproduce the paper's numbers, and the paper has no synthetic data (its columns are n/a).\n\n"
         if quick else
+        "**Real brain-MRI data, CPU scale.** ResNet-18 and ViT-Ti/16 at 64 px from random init, 3 pretraining "
+        "epochs and short fine-tuning on a 2-core CPU (README, 'The real-data CPU study'). The paper columns are "
+        "its Table 4 and Table 2 (ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs, an RTX 8000): another "
+        "scale and init, shown for orientation, not as a target these runs should reach.\n\n"
+        if mode == "cpu" else
         "Our runs on the paper's data sets beside the numbers the paper prints. \"—\" marks cells with no finished "
         "run.\n\n") + f"Generated by `python tables.py --mode {mode}` from `{runs_dir}`.\n\n")
     atomic_write_text(out_dir / "tables.md", banner + "\n".join(sections))

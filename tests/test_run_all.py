@@ -189,3 +189,31 @@ def test_execute_orders_by_needs_reports_failures_and_resumes(tmp_path, monkeypa
     before = (a / "run_all.log").read_text()
     assert RA.execute(jobs, 2, verbose=False, keep_going=False, t0=0) == []
     assert (d / "result.txt").exists() and (a / "run_all.log").read_text() == before
+
+
+def test_cpu_mode_plans_the_brain_mri_study(tmp_path):
+    mri = tmp_path / "mri"
+    mri.mkdir()
+    proc = run_all("cpu", "--dry-run", "--runs", tmp_path / "runs", env_extra={"BRAIN_MRI_ROOT": str(mri)})
+    assert proc.returncode == 0, proc.stderr
+    todo = todo_lines(proc.stdout)
+    ft = [ln for ln in todo if "finetune.py" in ln and "--eval" not in ln]
+    probes = [ln for ln in todo if "--eval" in ln]
+    # 1 CASS + 2 DINO; 3 methods x 2 backbones x (3 + 3 + 2 seeds); 3 sources x 2 backbones x (knn, linear)
+    assert len(todo) == 3 + 48 + 12 and len(ft) == 48 and len(probes) == 12
+    assert all(f"--data brain-mri --data-root {mri}" in ln for ln in todo)
+    pre = [ln for ln in todo if "pretrain_" in ln]
+    assert all("--bs 16 --epochs 3 --init random" in ln and "--img-size 64" in ln for ln in pre)
+    for frac, epochs, seeds in (("0.01", 15, 3), ("0.1", 10, 3), ("1", 3, 2)):
+        lines = [ln for ln in ft if f"--label-frac {frac} " in ln]
+        assert len(lines) == 6 * seeds and all(ln.endswith(f"--epochs {epochs}") for ln in lines)
+    assert all("--label-frac 1 --seed 0 --eval" in ln and "--epochs" not in ln for ln in probes)
+    assert sum("--init random" in ln for ln in probes) == 4  # the random-init baselines of both backbones
+    assert "tables.py --mode cpu" in proc.stdout
+
+
+def test_cpu_mode_without_its_data_root_runs_nothing(tmp_path):
+    proc = run_all("cpu", "--dry-run", "--runs", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped, data set brain-mri not given (set BRAIN_MRI_ROOT=" in proc.stdout
+    assert todo_lines(proc.stdout) == []

@@ -233,3 +233,38 @@ def test_cli_writes_into_out(tmp_path):
     assert "tables written to" in proc.stdout
     assert (tmp_path / "res" / "quick_synthetic.md").is_file()
     assert (tmp_path / "res" / "figures" / "quick_fig2.png").is_file()
+
+
+def test_cpu_tables_probes_and_monitors(tmp_path):
+    """cpu mode: fine-tuned cells beside the paper's Table 4, frozen-feature probes in their own table
+    (a probe never lands in a fine-tuning cell), and the monitors of each pretraining run."""
+    runs = tmp_path / "runs" / "cpu"
+    mri = runs / "brain-mri"
+    log = ("epoch,loss,seconds,cnn_std_frac,vit_std_frac,cnn_feat_std_frac,vit_feat_std_frac,cnn_rank,vit_rank,"
+           "cnn_knn,vit_knn,collapse\n"
+           "0,0.02,100,0.30,0.20,0.25,0.10,60.5,12.0,0.61,0.66,\n"
+           "1,0.0001,100,0.004,0.001,0.20,0.02,40.0,1.5,0.55,0.60,cnn+vit\n"
+           "2,0.00005,100,0.003,0.001,0.20,0.02,38.0,1.4,0.54,0.60,\n")
+    cass = write_run(mri / "cass" / "c", cass_config("brain-mri", bs=16, epochs=3, img_size=64),
+                     files=("cnn.safetensors", "vit.safetensors"))
+    (cass / "log.csv").write_text(log)
+    w = str(cass / "cnn.safetensors")
+    write_run(mri / "ft" / "ft", ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), metrics(0.8))
+    write_run(mri / "ft" / "knn", {**ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), "eval": "knn"},
+              {**metrics(0.5), "accuracy": 0.55})
+    write_run(mri / "ft" / "rand-lin", {**ft_config("brain-mri", "resnet18", 1.0, 0), "eval": "linear"},
+              {**metrics(0.6), "accuracy": 0.65})
+    out = tmp_path / "results"
+    tables.build_all("cpu", runs, out)
+    main = (out / "cpu_brain_mri.md").read_text()
+    row = read_md_row(main, "CASS (ResNet-18)")
+    assert row[5] == "0.8000 (n=1)" and row[6] == "0.9909 ± 0.0032"  # ours beside the paper's Table 4
+    frozen = (out / "cpu_frozen.md").read_text()
+    assert read_md_row(frozen, "CASS (ResNet-18)")[1:] == ["0.5500 (n=1)", "— (no run)"]
+    assert read_md_row(frozen, "Random init (ResNet-18)")[1:] == ["— (no run)", "0.6500 (n=1)"]
+    assert "paper" not in frozen.split("\n|")[1]  # no paper columns: the paper has no probes
+    assert read_md_row((out / "cpu_frozen_f1.md").read_text(), "CASS (ResNet-18)")[1] == "0.5000 (n=1)"
+    mon = (out / "monitors.md").read_text()
+    cnn = next(ln for ln in mon.splitlines() if "| cnn |" in ln)
+    assert "0.3000 → 0.0030" in cnn and "60.5 → 38.0" in cnn and "0.610 → 0.540" in cnn and "epoch 2 (cnn+vit)" in cnn
+    assert "Real brain-MRI data, CPU scale" in (out / "tables.md").read_text()

@@ -1,0 +1,285 @@
+"""Label-free health checks of a pretraining run, once per epoch, and their plot.
+
+A self-supervised loss going down says nothing about whether the network learns: a constant output
+for every image gives CASS's loss its minimum of 0. These monitors tell a collapsed run from a
+learning one without fine-tuning anything:
+
+- spread: the per-dimension standard deviation of L2-normalised vectors, averaged over dimensions.
+  Vectors spread evenly over the unit sphere in d dimensions have a spread of about 1/sqrt(d);
+  identical vectors have 0. Reported raw and as a fraction of 1/sqrt(d) (`*_frac`), for the
+  outputs the loss compares (measured on the training batches) and for the pooled backbone features
+  (measured on a fixed sample of training images).
+- effective rank (RankMe; Garrido et al., ICML 2023): exp of the entropy of the normalised singular
+  values of the pooled features of that sample. Between 1 (every image on one line) and min(n, d).
+- online k-NN accuracy (as solo-learn and lightly report it): the same sample's frozen pooled
+  features, with their labels, vote by cosine similarity (k = 20) for each image of a fixed sample of
+  the validation split. This one uses labels, but only to read the features, never to train.
+
+    python monitors.py runs/cass/brain-mri-...   # (re)draw monitors.png of finished or running runs
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Below this fraction of an even spread, in any arm, a run is reported as collapsed. Measured on
+# brain MRI at 64 px (README, "Monitoring a run"): the logits of random-init ResNet-18 and ViT-Ti/16
+# start at 0.07-0.37 of an even spread, and the collapsed runs of the paper's recipe sit at
+# 0.001-0.003 after a few epochs; 0.02 is 3x below the lowest healthy start and 7x above collapse.
+COLLAPSE_FRAC = 0.02
+COLLAPSE_HINT = ("the arms emit nearly the same vector for every image; try ImageNet weights (--init imagenet), "
+                 "a lower --lr, or a shorter run; see README 'Monitoring a run'")
+
+
+def spread(z: torch.Tensor) -> float:
+    """Mean over dimensions of the per-dimension std (population) of the rows of z, L2-normalised."""
+    z = torch.nn.functional.normalize(z.double(), dim=-1)
+    return z.std(0, unbiased=False).mean().item()
+
+
+def spread_from_moments(s: torch.Tensor, n: float) -> float:
+    """spread() from running sums: s[0] = sum of normalised rows, s[1] = sum of their squares."""
+    mean, sq = s[0].double() / n, s[1].double() / n
+    return (sq - mean * mean).clamp_min(0).sqrt().mean().item()
+
+
+def even_spread(d: int) -> float:
+    return 1 / math.sqrt(d)
+
+
+def effective_rank(feats: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe: exp(-sum p_k log p_k), p_k = s_k / sum(s) + eps, s the singular values of feats (n, d)."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum().clamp_min(1e-300) + eps
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel):
+    """Cosine k-nearest-neighbour vote (scikit-learn NearestNeighbors, brute force): the score of a
+    class is the fraction of the k neighbours that have it; single-label predicts the largest
+    (ties: the lowest class index), multi-label thresholds each label's fraction (label averaging)."""
+    from sklearn.neighbors import NearestNeighbors
+    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_feats)
+    _, idx = nn_.kneighbors(test_feats)
+    onehot = train_y.astype(np.float64) if multilabel else np.eye(num_classes)[train_y.astype(int)]
+    return onehot[idx].mean(1)
+
+
+def knn_accuracy(train_feats, train_y, test_feats, test_y, k=20, num_classes=None, multilabel=False) -> float:
+    """Accuracy of knn_probs' prediction; multi-label: the fraction of (image, label) pairs right, a
+    label predicted when more than half of the neighbours have it."""
+    train_feats, test_feats = np.asarray(train_feats, np.float64), np.asarray(test_feats, np.float64)
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    k = min(k, len(train_feats))
+    if num_classes is None:
+        num_classes = train_y.shape[1] if multilabel else int(max(train_y.max(), test_y.max())) + 1
+    probs = knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel)
+    if multilabel:
+        return float(((probs > 0.5) == (test_y > 0.5)).mean())
+    return float((probs.argmax(1) == test_y.astype(int)).mean())
+
+
+def pooled_features(model, x):
+    """The pooled backbone features of a timm model (before its classifier, whatever num_classes)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+class Monitor:
+    """Feature monitors of one or more backbones on fixed images: `n_bank` training images (seeded
+    sample, with their labels: the k-NN memory bank and the effective-rank sample) and `n_val`
+    validation images (the k-NN queries), resized to img_size with the evaluation transform and held in
+    memory, so that each epoch costs two forward passes over n_bank + n_val images and no data
+    loading. Nothing here draws from the global random streams or changes a model's state: training
+    continues exactly as it would without the monitor."""
+
+    def __init__(self, table, split, img_size, device, n_bank=512, n_val=256, k=20, seed=0, bs=128,
+                 mean=None, std=None):
+        from datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform
+        rng = np.random.default_rng(seed)
+        train, val = np.asarray(split["train"]), np.asarray(split.get("val", []))
+        bank = np.sort(rng.permutation(train)[:n_bank])
+        val = np.sort(rng.permutation(val)[:n_val]) if len(val) else bank  # no validation split: the bank itself
+        tf = eval_transform(img_size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+        self.device, self.bs, self.k = device, bs, k
+        self.multilabel, self.num_classes = table.multilabel, len(table.class_names)
+        self.x, self.y = {}, {}
+        for part, rows in (("bank", bank), ("val", val)):
+            ds = ImageDataset(table, rows, tf)
+            self.x[part] = torch.stack([ds[i][0] for i in range(len(ds))]) if len(ds) else torch.zeros(0)
+            self.y[part] = np.asarray(table.labels)[rows]
+        self.self_query = val is bank
+
+    @torch.no_grad()
+    def features(self, model, part: str) -> torch.Tensor:
+        from common import autocast
+        was_training = model.training
+        model.eval()
+        out = []
+        for i in range(0, len(self.x[part]), self.bs):
+            xb = self.x[part][i:i + self.bs].to(self.device, non_blocking=True)
+            with autocast(self.device):
+                out.append(pooled_features(model, xb).float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
+
+    def measure(self, models: dict) -> dict:
+        """{name}_feat_std, _feat_std_frac, _rank, _knn for each named backbone, and monitor_seconds."""
+        t0, row = time.perf_counter(), {}
+        for name, model in models.items():
+            bank = self.features(model, "bank")
+            val = bank if self.self_query else self.features(model, "val")
+            d = bank.shape[1]
+            row[f"{name}_feat_std"] = s = spread(bank)
+            row[f"{name}_feat_std_frac"] = s / even_spread(d)
+            row[f"{name}_rank"] = effective_rank(bank)
+            row[f"{name}_knn"] = knn_accuracy(bank.numpy(), self.y["bank"], val.numpy(), self.y["val"], self.k,
+                                              self.num_classes, self.multilabel)
+        row["monitor_seconds"] = time.perf_counter() - t0
+        return row
+
+
+def add_monitor_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("monitors (label-free health checks every epoch; README 'Monitoring a run')")
+    g.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the pooled features' spread, effective rank and k-NN accuracy after every "
+                        "epoch (a few percent of an epoch), warn once on collapse, plot monitors.png at the end")
+    g.add_argument("--monitor-bank", type=int, default=512,
+                   help="training images (seeded sample) whose features form the k-NN bank and rank sample")
+    g.add_argument("--monitor-val", type=int, default=256, help="validation images that query the k-NN bank")
+
+
+def output_moments(moments: dict, name: str, z: torch.Tensor):
+    """Add a batch of outputs z to the running sums of their L2-normalised rows and squares."""
+    z = torch.nn.functional.normalize(z.detach().float(), dim=-1)
+    s = moments.setdefault(name, torch.zeros(2, z.shape[1], device=z.device))
+    s[0] += z.sum(0)
+    s[1] += (z * z).sum(0)
+
+
+def output_spreads(moments: dict, n: float) -> dict:
+    """{name}_std and {name}_std_frac for each arm's running sums."""
+    row = {}
+    for name, s in moments.items():
+        row[f"{name}_std"] = std = spread_from_moments(s, n)
+        row[f"{name}_std_frac"] = std / even_spread(s.shape[1])
+    return row
+
+
+def collapsed_arms(row: dict, threshold: float = COLLAPSE_FRAC) -> list:
+    """Arms whose output spread (or, without one, pooled-feature spread) is below threshold x even."""
+    arms = sorted({k[: -len("_std_frac")] for k in row if k.endswith("_std_frac") and not k.endswith("_feat_std_frac")})
+    arms = arms or sorted({k[: -len("_feat_std_frac")] for k in row if k.endswith("_feat_std_frac")})
+    out = []
+    for a in arms:
+        v = row.get(f"{a}_std_frac", row.get(f"{a}_feat_std_frac"))
+        if v is not None and v != "" and float(v) < threshold:
+            out.append(a)
+    return out
+
+
+class CollapseWarning:
+    """Prints one warning line the first epoch a run's spread falls below COLLAPSE_FRAC and records
+    it in the row (`collapse` = the arms, on that epoch's row only); a resumed run that already warned
+    (its log holds such a row) stays quiet."""
+
+    def __init__(self, log_rows):
+        self.warned = any(r.get("collapse") for r in log_rows)
+
+    def check(self, row: dict, epoch: int, write=print):
+        arms = collapsed_arms(row)
+        if arms and not self.warned:
+            self.warned = True
+            row["collapse"] = "+".join(arms)
+            fr = ", ".join(f"{a} {float(row.get(f'{a}_std_frac', row.get(f'{a}_feat_std_frac'))):.4f}" for a in arms)
+            write(f"warning: collapse at epoch {epoch + 1}: output spread below {COLLAPSE_FRAC:g} of an even "
+                  f"spread ({fr}); {COLLAPSE_HINT}")
+        else:
+            row["collapse"] = ""
+        return arms
+
+
+def monitor_line(row: dict) -> str:
+    """The monitors of a log row for the progress line: spread fraction, rank and k-NN per arm."""
+    arms = sorted({k[: -len("_rank")] for k in row if k.endswith("_rank")})
+    parts = []
+    for a in arms:
+        out = f"out {float(row[f'{a}_std_frac']):.3f} " if f"{a}_std_frac" in row else ""
+        parts.append(f"{a}: {out}feat {float(row[f'{a}_feat_std_frac']):.3f} rank {float(row[f'{a}_rank']):.1f} "
+                     f"knn {float(row[f'{a}_knn']):.3f}")
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- the plot
+
+def plot_run(run_dir, out_png=None) -> Path:
+    """monitors.png in run_dir from its log.csv: loss, spread (fraction of even; outputs solid,
+    pooled features dashed), effective rank and k-NN accuracy against epoch, every arm on each panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import atomic_save_figure, read_csv_log
+    run_dir = Path(run_dir)
+    rows = read_csv_log(run_dir / "log.csv")
+    if not rows:
+        raise ValueError(f"{run_dir / 'log.csv'} has no rows")
+    ep = [int(r["epoch"]) + 1 for r in rows]
+
+    def col(k):
+        return [float(r[k]) if r.get(k, "") not in ("", None) else float("nan") for r in rows]
+
+    arms = sorted({k[: -len("_rank")] for k in rows[0] if k.endswith("_rank")})
+    out_arms = sorted({k[: -len("_std_frac")] for k in rows[0]
+                       if k.endswith("_std_frac") and not k.endswith("_feat_std_frac")})
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
+    ax[0].plot(ep, col("loss"), "k-o", ms=3)
+    ax[0].set_yscale("log")
+    ax[0].set_title("loss")
+    colours = dict(zip(sorted(set(arms) | set(out_arms)), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for a in out_arms:
+        ax[1].plot(ep, col(f"{a}_std_frac"), "-o", ms=3, color=colours[a], label=f"{a} outputs")
+    for a in arms:
+        ax[1].plot(ep, col(f"{a}_feat_std_frac"), "--s", ms=3, color=colours[a], label=f"{a} pooled features")
+        ax[2].plot(ep, col(f"{a}_rank"), "-o", ms=3, color=colours[a], label=a)
+        ax[3].plot(ep, col(f"{a}_knn"), "-o", ms=3, color=colours[a], label=a)
+    ax[1].axhline(COLLAPSE_FRAC, color="r", lw=0.8, ls=":", label=f"collapse ({COLLAPSE_FRAC:g})")
+    ax[1].set_yscale("log")
+    ax[1].set_title("spread / even spread (1/sqrt(d))")
+    ax[2].set_title("effective rank (RankMe) of pooled features")
+    ax[3].set_title("online 20-NN accuracy (validation sample)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    collapse = [(e, r["collapse"]) for e, r in zip(ep, rows) if r.get("collapse")]
+    for e, arms_ in collapse:
+        ax[1].annotate(f"collapse: {arms_}", (e, COLLAPSE_FRAC), fontsize=7, color="r")
+    fig.suptitle(run_dir.name, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png) if out_png else run_dir / "monitors.png"
+    atomic_save_figure(out_png, fig)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders holding a log.csv of pretrain_cass.py or pretrain_dino.py")
+    args = p.parse_args(argv)
+    rc = 0
+    for r in args.runs:
+        if not (Path(r) / "log.csv").is_file():
+            print(f"error: {r}: no log.csv (not a pretraining run folder)", file=sys.stderr)
+            rc = 2
+            continue
+        print(plot_run(r))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
