@@ -20,9 +20,9 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    atomic_save_safetensors, autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
-                    resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
-                    is_main, seed_everything, setup_distributed, world_size)
+                    atomic_save_safetensors, atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint,
+                    main_first, pick_device, prepare_out_dir, resume_mid_epoch, resume_point, run_cli,
+                    save_checkpoint, save_mid_epoch, seed_epoch, seed_everything, setup_distributed, world_size)
 from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
@@ -204,6 +204,8 @@ def main(argv=None):
     monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed) \
         if args.monitor and is_main() else None  # (rank 0 alone measures; the others go on)
     collapse = CollapseWarning(log.rows)
+    if monitor is not None and start_epoch == 0 and partial is None:  # the start, drawn as epoch 0 in monitors.png
+        atomic_write_json(out / "monitors_init.json", monitor.measure({"cnn": cnn, "vit": vit}))
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M, from {cnn_init}) + {args.vit} "
           f"({count_params(vit) / 1e6:.1f}M, from {vit_init}), "
