@@ -43,6 +43,7 @@ from datasets import _strata, load_data, make_loader, write_skipped
 from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
 from losses import FocalLoss, class_weights
 from models import count_params, create_backbone, head_prefixes, load_weights, save_weights, sync_batchnorm, wrap_ddp
+from monitors import knn_probs  # (also the online k-NN monitor of the pretraining runs)
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
@@ -373,17 +374,6 @@ def to_probs(logits, multilabel):
 
 
 # ---------------------------------------------------------------- frozen-feature evaluations
-
-def knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel):
-    """Cosine k-nearest-neighbour vote (scikit-learn NearestNeighbors, brute force): the score of a
-    class is the fraction of the k neighbours that have it; single-label predicts the largest
-    (ties: the lowest class index), multi-label thresholds each label's fraction (label averaging)."""
-    from sklearn.neighbors import NearestNeighbors
-    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_feats)
-    _, idx = nn_.kneighbors(test_feats)
-    onehot = train_y.astype(np.float64) if multilabel else np.eye(num_classes)[train_y.astype(int)]
-    return onehot[idx].mean(1)
-
 
 def linear_probs(train_feats, train_y, test_feats, num_classes, multilabel, c, seed):
     """Logistic regression (L-BFGS, L2 with inverse strength c) on standardised features; one binary

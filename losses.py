@@ -32,27 +32,62 @@ def collapse_guard(r: torch.Tensor, t: torch.Tensor):
     return torch.where(fired, r + noise_r, r), torch.where(fired, t + noise_t, t), fired
 
 
+def predictor_loss(pr: torch.Tensor, pt: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """SimSiam's symmetrised loss between the arms: (D(pr, sg(t)) + D(pt, sg(r))) / 2 with D the
+    loss of Equation 1 and sg a stop-gradient; pr, pt the predictors' outputs on r, t. Each arm learns
+    only through its own predictor's term, towards the other arm's output held fixed."""
+    return 0.5 * (cass_loss(pr, t.detach()) + cass_loss(pt, r.detach()))
+
+
+def variance_hinge(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's variance term (Bardes et al., 2022): mean over dimensions of relu(1 - sqrt(var + eps)),
+    the variance over the batch (unbiased), so every output dimension keeps a std of at least 1."""
+    return F.relu(1 - torch.sqrt(z.float().var(0) + eps)).mean()
+
+
+def covariance_penalty(z: torch.Tensor) -> torch.Tensor:
+    """VICReg's covariance term: the sum of the squared off-diagonal entries of the batch covariance
+    matrix of z, divided by the dimension, so that the dimensions carry different information."""
+    z = z.float() - z.float().mean(0)
+    c = z.T @ z / (len(z) - 1)
+    off = c - torch.diag(torch.diag(c))
+    return (off * off).sum() / z.shape[1]
+
+
 class CASSLoss(nn.Module):
-    """The CASS objective on the two arms' logits.
+    """The CASS objective on the two arms' outputs (the paper: their logits).
 
-    head_act: 'none' (the paper), or 'softmax' / 'sigmoid' applied to the logits first (Table 11)."""
+    head_act: 'none' (the paper), or 'softmax' / 'sigmoid' applied to the outputs first (Table 11).
+    With the predictors' outputs pr, pt, Equation 1 becomes predictor_loss (pretrain_cass --predictor).
+    var_reg W > 0 adds W x (variance_hinge + cov_weight x covariance_penalty) of each arm's outputs
+    (--var-reg; VICReg weighs variance 25 and covariance 1, hence cov_weight 0.04)."""
 
-    def __init__(self, head_act: str = "none", guard: bool = True):
+    def __init__(self, head_act: str = "none", guard: bool = True, var_reg: float = 0.0, cov_weight: float = 0.04):
         super().__init__()
         if head_act not in ("none", "softmax", "sigmoid"):
             raise ValueError(f"head_act must be none, softmax or sigmoid, not {head_act}")
-        self.head_act, self.guard = head_act, guard
+        self.head_act, self.guard, self.var_reg, self.cov_weight = head_act, guard, var_reg, cov_weight
 
-    def forward(self, r, t):
-        r, t = r.float(), t.float()
+    def _act(self, z):
         if self.head_act == "softmax":
-            r, t = r.softmax(-1), t.softmax(-1)
-        elif self.head_act == "sigmoid":
-            r, t = r.sigmoid(), t.sigmoid()
+            return z.softmax(-1)
+        if self.head_act == "sigmoid":
+            return z.sigmoid()
+        return z
+
+    def forward(self, r, t, pr=None, pt=None):
+        r, t = self._act(r.float()), self._act(t.float())
         fired = torch.zeros((), dtype=torch.bool, device=r.device)
         if self.guard:
             r, t, fired = collapse_guard(r, t)
-        return cass_loss(r, t), fired
+        if pr is None:
+            loss = cass_loss(r, t)
+        else:
+            loss = predictor_loss(self._act(pr.float()), self._act(pt.float()), r, t)
+        if self.var_reg:
+            loss = loss + self.var_reg * sum(variance_hinge(z) + self.cov_weight * covariance_penalty(z)
+                                             for z in (r, t))
+        return loss, fired
 
 
 # ---------------------------------------------------------------- focal loss for fine-tuning

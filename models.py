@@ -208,3 +208,34 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+# ---------------------------------------------------------------- pretraining heads (CASS options)
+
+class MLPHead(nn.Sequential):
+    """Linear -> BatchNorm -> ReLU -> Linear: BYOL's projector and predictor (Grill et al., 2020),
+    SimSiam's predictor (Chen & He, 2021)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+class CassArm(nn.Module):
+    """One arm of CASS with its pretraining-only heads: z = projector(pooled features) when there is a
+    projector (the backbone then has no classifier), else the backbone's logits as in the paper;
+    p = predictor(z) when there is a predictor. forward returns (z, p or None)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module = None, predictor: nn.Module = None):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+
+    def forward(self, x):
+        z = self.backbone(x)
+        if self.projector is not None:
+            z = self.projector(z)
+        return z, (self.predictor(z) if self.predictor is not None else None)
+
+    def heads_state_dict(self) -> dict:
+        """The heads' tensors only (what exists for pretraining alone, saved apart from the backbone)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

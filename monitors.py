@@ -19,6 +19,7 @@ learning one without fine-tuning anything:
 """
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -218,7 +219,8 @@ def monitor_line(row: dict) -> str:
 
 def plot_run(run_dir, out_png=None) -> Path:
     """monitors.png in run_dir from its log.csv: loss, spread (fraction of even; outputs solid,
-    pooled features dashed), effective rank and k-NN accuracy against epoch, every arm on each panel."""
+    pooled features dashed), effective rank and k-NN accuracy against epoch, every arm on each panel;
+    the feature monitors start at epoch 0 (the initial weights, monitors_init.json) when measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -228,10 +230,15 @@ def plot_run(run_dir, out_png=None) -> Path:
     rows = read_csv_log(run_dir / "log.csv")
     if not rows:
         raise ValueError(f"{run_dir / 'log.csv'} has no rows")
+    init_file = run_dir / "monitors_init.json"  # the monitors before the first step, drawn at epoch 0
+    init = json.loads(init_file.read_text()) if init_file.is_file() else None
     ep = [int(r["epoch"]) + 1 for r in rows]
 
     def col(k):
         return [float(r[k]) if r.get(k, "") not in ("", None) else float("nan") for r in rows]
+
+    def feat(k):  # a feature monitor's curve, from epoch 0 when the start was measured
+        return ([0] + ep, [float(init[k])] + col(k)) if init and k in init else (ep, col(k))
 
     arms = sorted({k[: -len("_rank")] for k in rows[0] if k.endswith("_rank")})
     out_arms = sorted({k[: -len("_std_frac")] for k in rows[0]
@@ -244,9 +251,9 @@ def plot_run(run_dir, out_png=None) -> Path:
     for a in out_arms:
         ax[1].plot(ep, col(f"{a}_std_frac"), "-o", ms=3, color=colours[a], label=f"{a} outputs")
     for a in arms:
-        ax[1].plot(ep, col(f"{a}_feat_std_frac"), "--s", ms=3, color=colours[a], label=f"{a} pooled features")
-        ax[2].plot(ep, col(f"{a}_rank"), "-o", ms=3, color=colours[a], label=a)
-        ax[3].plot(ep, col(f"{a}_knn"), "-o", ms=3, color=colours[a], label=a)
+        ax[1].plot(*feat(f"{a}_feat_std_frac"), "--s", ms=3, color=colours[a], label=f"{a} pooled features")
+        ax[2].plot(*feat(f"{a}_rank"), "-o", ms=3, color=colours[a], label=a)
+        ax[3].plot(*feat(f"{a}_knn"), "-o", ms=3, color=colours[a], label=a)
     ax[1].axhline(COLLAPSE_FRAC, color="r", lw=0.8, ls=":", label=f"collapse ({COLLAPSE_FRAC:g})")
     ax[1].set_yscale("log")
     ax[1].set_title("spread / even spread (1/sqrt(d))")

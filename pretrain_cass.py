@@ -20,13 +20,13 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
-                    resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
-                    is_main, seed_everything, setup_distributed, world_size)
+                    atomic_save_safetensors, atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint,
+                    main_first, pick_device, prepare_out_dir, resume_mid_epoch, resume_point, run_cli,
+                    save_checkpoint, save_mid_epoch, seed_epoch, seed_everything, setup_distributed, world_size)
 from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
-from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from models import CassArm, MLPHead, count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
@@ -67,12 +67,35 @@ def get_args(argv=None):
                    help="disable the collapse guard of Algorithm 1 (noise added when both arms' outputs "
                         "are identical; it never fires otherwise)")
     g.add_argument("--compile", action="store_true", help="torch.compile both arms (CUDA; slow first epoch)")
+    o = p.add_argument_group("beyond the paper: options against collapse (all off by default; README 'Options "
+                             "against collapse')")
+    o.add_argument("--predictor", action="store_true",
+                   help="a predictor MLP on each arm and a stop-gradient on the other arm's output, the loss "
+                        "symmetrised: (D(p(R), sg(T)) + D(p(T), sg(R))) / 2 (SimSiam, Chen & He 2021; BYOL)")
+    o.add_argument("--pred-hidden", type=int, default=512,
+                   help="hidden width of the predictors (SimSiam: 512 for 2048-d outputs, a bottleneck)")
+    o.add_argument("--projector", type=int, default=0, metavar="DIM",
+                   help="compare DIM-d projections of the pooled features (MLP with BatchNorm, as BYOL) "
+                        "instead of the 1000-d classifier logits; the arms are then saved without classifier")
+    o.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projectors (BYOL: 4096)")
+    o.add_argument("--var-reg", type=float, default=0.0, metavar="W",
+                   help="add W x VICReg's variance hinge (std of every output dimension at least 1) and "
+                        "covariance penalty of each arm's outputs to Equation 1 (Bardes et al. 2022); try 1")
+    o.add_argument("--cov-weight", type=float, default=0.04,
+                   help="weight of the covariance penalty relative to the variance hinge in --var-reg "
+                        "(VICReg's 1 / 25)")
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
     g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     add_monitor_args(p)
     args = p.parse_args(argv)
     args.extra_aug = tuple(a for a in args.extra_aug.split(",") if a)
+    for flag in ("projector", "pred_hidden", "proj_hidden"):
+        if getattr(args, flag) < 0 or (flag != "projector" and getattr(args, flag) < 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be {'0 (off) or ' if flag == 'projector' else ''}"
+                            "a positive width")
+    if args.var_reg < 0 or args.cov_weight < 0:
+        raise UserError("--var-reg and --cov-weight must be at least 0")
     if args.out is None:
         args.out = f"runs/cass/{args.data}-{args.cnn}-{args.vit}-bs{args.bs}-ep{args.epochs}-seed{args.seed}"
     return args
@@ -89,11 +112,13 @@ def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     """One CASS iteration on the input batch x (on the device): both arms' forward passes under
     bf16 autocast (CUDA; the CNN in channels_last), the loss, one backward pass into both arms, both
     optimiser steps. Returns (loss, guard fired, cnn output, vit output) as device tensors, no host
-    sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged."""
+    sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm
+    with pretraining heads (models.CassArm) returns (output, predictor output or None)."""
     with autocast(device):
         r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
         t = fwd_vit(x)
-    loss, fired = criterion(r, t)
+    (r, pr), (t, pt) = (r, t) if isinstance(r, tuple) else ((r, None), (t, None))
+    loss, fired = criterion(r, t, pr, pt)
     opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
     opt_vit.zero_grad(set_to_none=True)
     loss.backward()
@@ -130,23 +155,36 @@ def main(argv=None):
                                          else "--init"), device).to(device)
     vit = sync_batchnorm(create_backbone(args.vit, vit_init, img_size=args.img_size, flag="--vit-init" if args.vit_init
                                          else "--init"), device).to(device)
+    if args.projector:  # the arms' pooled features feed the projectors: no classifier
+        cnn.reset_classifier(0), vit.reset_classifier(0)
+    arms = {}  # with options: each arm and its pretraining heads as one module (models.CassArm)
+    if args.projector or args.predictor:
+        seed_everything(args.seed + 1)  # the heads' own random start; the backbones' is unchanged
+        for name, m in (("cnn", cnn), ("vit", vit)):
+            d = args.projector or m.num_classes
+            proj = MLPHead(m.num_features, args.proj_hidden, args.projector) if args.projector else None
+            pred = MLPHead(d, args.pred_hidden, d) if args.predictor else None
+            arms[name] = sync_batchnorm(CassArm(m, proj, pred), device).to(device)
+        cnn, vit = arms["cnn"].backbone, arms["vit"].backbone  # (sync_batchnorm may have rebuilt them)
     if device.type == "cuda":
         cnn = cnn.to(memory_format=torch.channels_last)
-    opt_cnn = make_optimizer(args.cnn_opt, cnn.parameters(), args.lr, device)
-    opt_vit = make_optimizer("adam", vit.parameters(), args.lr, device)
+    arm_cnn, arm_vit = arms.get("cnn", cnn), arms.get("vit", vit)
+    opt_cnn = make_optimizer(args.cnn_opt, arm_cnn.parameters(), args.lr, device)
+    opt_vit = make_optimizer("adam", arm_vit.parameters(), args.lr, device)
     sched_cnn = torch.optim.lr_scheduler.CosineAnnealingLR(opt_cnn, T_max=args.t_max, eta_min=args.min_lr)
     sched_vit = torch.optim.lr_scheduler.CosineAnnealingLR(opt_vit, T_max=args.t_max, eta_min=args.min_lr)
     swa_cnn, swa_vit = AveragedModel(cnn), AveragedModel(vit)
     swa_start = min(args.epochs - 1, int(args.swa_start * args.epochs))
-    criterion = CASSLoss(args.head_act, guard=args.guard)
-    fwd_cnn, fwd_vit = wrap_ddp(cnn, device), wrap_ddp(vit, device)  # torchrun: gradients averaged
+    criterion = CASSLoss(args.head_act, guard=args.guard, var_reg=args.var_reg, cov_weight=args.cov_weight)
+    fwd_cnn, fwd_vit = wrap_ddp(arm_cnn, device), wrap_ddp(arm_vit, device)  # torchrun: gradients averaged
     if args.compile:
         fwd_cnn, fwd_vit = torch.compile(fwd_cnn), torch.compile(fwd_vit)
 
     def train_state():  # what a checkpoint holds besides the epoch
         return {"cnn": cnn.state_dict(), "vit": vit.state_dict(), "opt_cnn": opt_cnn.state_dict(),
                 "opt_vit": opt_vit.state_dict(), "sched_cnn": sched_cnn.state_dict(),
-                "sched_vit": sched_vit.state_dict(), "swa_cnn": swa_cnn.state_dict(), "swa_vit": swa_vit.state_dict()}
+                "sched_vit": sched_vit.state_dict(), "swa_cnn": swa_cnn.state_dict(), "swa_vit": swa_vit.state_dict(),
+                **{f"heads_{k}": a.heads_state_dict() for k, a in arms.items()}}
 
     # ---- output folder (written only now that the data and models are known to be good), resume
     with main_first():
@@ -159,11 +197,15 @@ def main(argv=None):
                          (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
                          (swa_vit, "swa_vit")):
             obj.load_state_dict(ckpt[key])
+        for k, a in arms.items():
+            a.load_state_dict(ckpt[f"heads_{k}"], strict=False)  # (the backbone's keys are loaded above)
         start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
     monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed) \
         if args.monitor and is_main() else None  # (rank 0 alone measures; the others go on)
     collapse = CollapseWarning(log.rows)
+    if monitor is not None and start_epoch == 0 and partial is None:  # the start, drawn as epoch 0 in monitors.png
+        atomic_write_json(out / "monitors_init.json", monitor.measure({"cnn": cnn, "vit": vit}))
 
     print(f"CASS: {args.cnn} ({count_params(cnn) / 1e6:.1f}M, from {cnn_init}) + {args.vit} "
           f"({count_params(vit) / 1e6:.1f}M, from {vit_init}), "
@@ -240,6 +282,10 @@ def main(argv=None):
     # ---- final weights: SWA averages (BatchNorm statistics recomputed) and the last raw weights
     save_weights(cnn, out / "cnn_last.safetensors")
     save_weights(vit, out / "vit_last.safetensors")
+    if arms and is_main():  # pretraining-only heads, apart from the backbones that finetune.py and timm load
+        atomic_save_safetensors(out / "heads.safetensors", {f"{k}.{n}": v.detach().cpu().contiguous()
+                                                            for k, a in arms.items()
+                                                            for n, v in a.heads_state_dict().items()})
     if args.swa:
         bn_loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
                                 generator=seed_epoch(args.seed, args.epochs), device=device, shard=True)

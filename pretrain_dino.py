@@ -34,9 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    autocast, check_out_dir, load_checkpoint, main_first, pick_device, prepare_out_dir,
-                    resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch, seed_epoch,
-                    is_main, seed_everything, setup_distributed, world_size)
+                    atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device,
+                    prepare_out_dir, resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch,
+                    seed_epoch, seed_everything, setup_distributed, world_size)
 from datasets import dino_cache_size, load_data, load_table, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
@@ -405,6 +405,8 @@ def main(argv=None):
         monitor = Monitor(load_table(args.data, args.data_root, args.cache_dir), split, args.img_size, device,
                           args.monitor_bank, args.monitor_val, seed=args.seed)
     collapse = CollapseWarning(log.rows)
+    if monitor is not None and start_epoch == 0 and partial is None:  # the start, drawn as epoch 0 in monitors.png
+        atomic_write_json(out / "monitors_init.json", monitor.measure({"teacher": teacher.backbone}))
 
     print(f"DINO: {args.arch} ({count_params(student.backbone) / 1e6:.1f}M backbone + "
           f"{count_params(student.head) / 1e6:.1f}M head, drop path {dpr}), {len(rows)} training images of "

@@ -130,7 +130,15 @@ CPU = Profile(
                "--warmup-epochs", "1", "--workers", "0"),
     ft_args=("--img-size", str(CPU_IMG), "--workers", "0"),
 )
-PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU}
+# The options against collapse on the CPU study's setting (same data, backbones, size, epochs, seeds):
+# its runs folder is the cpu mode's, so the paper-recipe rows reuse the cpu mode's runs.
+CPU_OPTIONS = replace(CPU, name="cpu-options", runs_dir="runs/cpu", results_dir="results/cpu/options")
+CASS_OPTIONS = (("Paper recipe (Equation 1 on the logits)", {}),
+                ("--predictor", {"predictor": True}),
+                ("--projector 256", {"projector": 256}),
+                ("--projector 256 --predictor", {"projector": 256, "predictor": True}),
+                ("--var-reg 1", {"var_reg": 1.0}))
+PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU, "cpu-options": CPU_OPTIONS}
 
 # timm has no ImageNet weights for plain ResNet-200 (only resnet200d); the paper used random init.
 NO_IMAGENET = {"resnet200"}
@@ -171,12 +179,19 @@ class Cass:
     cnn_opt: str = "adam"
     head_act: str = "none"
     cnn_init: Optional[str] = None  # arm 1's start when not `init` (ResNet-200: random beside an ImageNet ViT)
+    predictor: bool = False  # the options against collapse (pretrain_cass.py --predictor/--projector/--var-reg)
+    projector: int = 0
+    var_reg: float = 0.0
 
     method = "cass"
 
+    def options(self) -> tuple:
+        return (self.predictor, self.projector, float(self.var_reg))
+
     def key(self) -> tuple:
         return ("cass", self.data, self.cnn, self.vit, self.bs, self.epochs, self.init, _aug_key(self.extra_aug),
-                self.cnn_opt, self.head_act) + ((self.cnn_init,) if self.cnn_init else ())
+                self.cnn_opt, self.head_act) + ((self.cnn_init,) if self.cnn_init else ()) + \
+            ((("options",) + self.options(),) if any(self.options()) else ())
 
     def name(self) -> str:
         parts = [f"{self.cnn}+{self.vit}", f"bs{self.bs}", f"ep{self.epochs}", self.init]
@@ -188,6 +203,12 @@ class Cass:
             parts.append(f"cnnopt_{self.cnn_opt}")
         if self.head_act != "none":
             parts.append(f"head_{self.head_act}")
+        if self.projector:
+            parts.append(f"proj{self.projector}")
+        if self.predictor:
+            parts.append("pred")
+        if self.var_reg:
+            parts.append(f"varreg{self.var_reg:g}")
         return "-".join(parts)
 
     def arch(self, arm: str) -> str:
@@ -211,6 +232,12 @@ class Cass:
             a += ["--cnn-opt", self.cnn_opt]
         if self.head_act != "none":
             a += ["--head-act", self.head_act]
+        if self.projector:
+            a += ["--projector", str(self.projector)]
+        if self.predictor:
+            a += ["--predictor"]
+        if self.var_reg:
+            a += ["--var-reg", f"{self.var_reg:g}"]
         return a + list(prof.cass_args)
 
 
@@ -307,10 +334,11 @@ class TableDef:
     note: str = ""
     sources: list = field(default_factory=list)  # time: [(row, Cass, Dino cnn, Dino vit, paper)]
     maps_n: int = 30
-    seeds: tuple = ()  # the table's own seeds (probes: one), instead of the profile's
+    seeds: tuple = ()  # the table's own seeds, instead of the profile's
 
     def seeds_of(self, prof: Profile, ft: "Finetune") -> tuple:
-        return self.seeds or prof.seeds_for(ft.data, ft.frac)
+        seeds = self.seeds or prof.seeds_for(ft.data, ft.frac)
+        return seeds if ft.eval == "finetune" else seeds[:1]  # a frozen-feature probe with all labels: one
 
 
 def default_cass(prof: Profile, data: str, **kw) -> Cass:
@@ -376,6 +404,8 @@ def study(prof: Profile) -> dict:
         return quick_study(prof)
     if prof.name == "cpu":
         return cpu_study(prof)
+    if prof.name == "cpu-options":
+        return cpu_options_study(prof)
     P, t = prof, {}
     main = {"table1": "autoimmune", "table3": "dermofit", "table4": "brain-mri", "table5": "isic2019"}
     for name, data in main.items():
@@ -496,7 +526,7 @@ def cpu_study(prof: Profile) -> dict:
                 cells.append(Cell(f"{row} ({label(arch)})", col, ft))
     t["cpu_frozen"] = TableDef("cpu_frozen", "Brain MRI, frozen pooled features with 100% of the labels: test "
                                "accuracy of a cosine 20-NN vote and of a logistic-regression probe", data,
-                               "accuracy", "main", cells, seeds=(0,))
+                               "accuracy", "main", cells)
     t["cpu_frozen_f1"] = replace(t["cpu_frozen"], name="cpu_frozen_f1", metric="f1_macro",
                                  title=t["cpu_frozen"].title.replace("test accuracy", "test F1 (macro)"))
     t["cpu_time"] = TableDef("cpu_time", f"Pretraining wall time, CASS vs DINO ({prof.epochs} epochs, brain MRI, "
@@ -504,6 +534,25 @@ def cpu_study(prof: Profile) -> dict:
                              sources=[(data, default_cass(prof, data), default_dino(prof, data, prof.cnn),
                                        default_dino(prof, data, prof.vit), PR.TABLE2[data])])
     return t
+
+
+def cpu_options_study(prof: Profile) -> dict:
+    """Each option against collapse beside the paper's recipe on the CPU study's setting: per option and
+    arm, frozen 20-NN / linear probes (100% labels) and 1% / 10% fine-tuning (the profile's seeds),
+    with the monitors and the pretraining time of each run (tables.build_options_table)."""
+    data, cells, sources = "brain-mri", [], []
+    for row, kw in CASS_OPTIONS:
+        cass = default_cass(prof, data, **kw)
+        sources.append((row, cass))
+        for arm in ("cnn", "vit"):
+            arch = cass.arch(arm)
+            for ev in ("knn", "linear"):
+                cells.append(Cell(row, f"{arm} {ev}", Finetune(data, arch, 1.0, cass, arm, prof.init, eval=ev),))
+            for f in (0.01, 0.1):
+                cells.append(Cell(row, f"{arm} {frac_label(f)}", Finetune(data, arch, f, cass, arm)))
+    return {"cpu_options": TableDef("cpu_options", f"Options against collapse, brain MRI ({label(prof.cnn)} + "
+                                    f"{label(prof.vit)}, {CPU_IMG} px, random init, {prof.epochs} epochs, CPU)",
+                                    data, "f1_macro", "options", cells, sources=sources)}
 
 
 # ---------------------------------------------------------------- the plan
@@ -844,7 +893,8 @@ def get_args(argv=None):
     for data, (env, flag, what) in DATA_ROOTS.items():
         p.add_argument(flag, default=None, help=f"{data}: {what} (default: ${env})")
     args = p.parse_args(argv)
-    prof = replace(PROFILES[args.mode], runs_dir=args.runs or "", results_dir=args.results or "")
+    base = PROFILES[args.mode]
+    prof = replace(base, runs_dir=args.runs or base.runs_dir, results_dir=args.results or base.results_dir)
     if args.jobs is None:
         args.jobs = prof.jobs
     if args.jobs < 1:
@@ -884,7 +934,7 @@ def main(argv=None):
     roots = roots_from(args)
     if prof.data_roots_needed or prof.name == "paper":
         for data, (env, flag, _) in DATA_ROOTS.items():
-            if prof.name == "cpu" and data != "brain-mri":
+            if prof.name.startswith("cpu") and data != "brain-mri":
                 continue
             print(f"  {data:11s} {roots.get(data, '(not set: ' + env + ' / ' + flag + ')')}")
     jobs = plan(prof, args.names, roots)

@@ -21,7 +21,7 @@ fi
 
 # The quick and cpu modes need no download (random init): never wait for the network.
 # The paper mode starts from ImageNet weights, fetched from the Hugging Face hub or its cache.
-if [[ "${1:-}" == "quick" || "${1:-}" == "cpu" ]]; then
+if [[ "${1:-}" == "quick" || "${1:-}" == cpu* ]]; then
     export HF_HUB_OFFLINE=1
 fi
 

@@ -66,7 +66,8 @@ def pretrain_key(cfg: dict):
     if "cnn" in cfg and "vit" in cfg:
         return RA.Cass(cfg["data"], cfg["cnn"], cfg["vit"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"]),
                        RA._aug_key(cfg.get("extra_aug", ())), cfg.get("cnn_opt", "adam"),
-                       cfg.get("head_act", "none")).key()
+                       cfg.get("head_act", "none"), predictor=bool(cfg.get("predictor", False)),
+                       projector=int(cfg.get("projector", 0)), var_reg=float(cfg.get("var_reg", 0.0))).key()
     if "arch" in cfg and "out_dim" in cfg:
         return RA.Dino(cfg["data"], cfg["arch"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"])).key()
     return None
@@ -387,6 +388,44 @@ def build_monitor_table(runs: Runs, out_dir: Path):
     return md, to_csv(csv_header, csv_rows), len({r[0] for r in md_rows})
 
 
+def build_options_table(td, runs: Runs):
+    """The options against collapse: one row per option and arm with the last epoch's monitors, the
+    frozen probes (test accuracy), 1% / 10% fine-tuning (test F1 macro) and the pretraining seconds per
+    epoch. Returns (markdown, csv, filled cells, total cells)."""
+    grid = {(c.row, c.col): c for c in td.cells}
+    header = ["Option", "Arm", "Output spread / even (last epoch)", "Effective rank", "Online 20-NN",
+              "Frozen 20-NN accuracy", "Linear probe accuracy", "1% F1 (macro)", "10% F1 (macro)",
+              "Pretraining s / epoch", "Collapse warning"]
+    md_rows, csv_rows, filled = [], [], 0
+    for row, cass in td.sources:
+        dirs = [d for d in runs.pretrain.get(cass.key(), []) if (d / "log.csv").is_file()]
+        log = _read_log(dirs[0] / "log.csv") if dirs else None
+        last = log[-1] if log else {}
+        per_epoch = np.mean([float(r["seconds"]) for r in log]) if log else None
+        warned = next((f"epoch {int(r['epoch']) + 1}" for r in log if r.get("collapse")), "none") if log else DASH
+        for arm in ("cnn", "vit"):
+            stats = {}
+            for col, metric in (("knn", "accuracy"), ("linear", "accuracy"), ("1%", "f1_macro"), ("10%", "f1_macro")):
+                stat, unfinished = runs.cell(grid[(row, f"{arm} {col}")].ft, metric)
+                filled += stat is not None
+                stats[col] = (stat, unfinished)
+            md_rows.append([row, RA.label(cass.arch(arm)), _f(last.get(f"{arm}_std_frac"), 4),
+                            _f(last.get(f"{arm}_rank"), 1), _f(last.get(f"{arm}_knn")),
+                            *(fmt_stat(*stats[c]) for c in ("knn", "linear", "1%", "10%")),
+                            fmt_seconds(per_epoch), warned])
+            csv_rows.append([td.name, row, arm, last.get(f"{arm}_std_frac", ""), last.get(f"{arm}_rank", ""),
+                             last.get(f"{arm}_knn", ""),
+                             *(_num(stats[c][0][0]) if stats[c][0] else "" for c in ("knn", "linear", "1%", "10%")),
+                             *(_num(stats[c][0][1]) if stats[c][0] else "" for c in ("knn", "linear", "1%", "10%")),
+                             *(stats[c][0][2] if stats[c][0] else 0 for c in ("knn", "linear", "1%", "10%")),
+                             _num(per_epoch), warned])
+    csv_header = ["table", "option", "arm", "out_std_frac_last", "rank_last", "online_knn_last", "knn_acc_mean",
+                  "linear_acc_mean", "f1_1pct_mean", "f1_10pct_mean", "knn_acc_std", "linear_acc_std",
+                  "f1_1pct_std", "f1_10pct_std", "knn_n", "linear_n", "f1_1pct_n", "f1_10pct_n",
+                  "pretrain_seconds_per_epoch", "collapse_warning"]
+    return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
+
+
 def build_all(mode: str, runs_dir, out_dir, prof=None):
     """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
     prof = prof or RA.PROFILES[mode]
@@ -400,6 +439,8 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
             continue
         if td.kind == "time":
             md, cs, filled, total = build_time_table(td, runs, quick)
+        elif td.kind == "options":
+            md, cs, filled, total = build_options_table(td, runs)
         elif td.kind == "figure2":
             md, cs, filled, total = build_figure2(td, runs, out_dir / "figures" / f"{name}.png", quick, arch_names)
             md += f"\n\n![{name}](figures/{name}.png)"
@@ -407,7 +448,12 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
             md, cs, filled, total = build_cells_table(td, runs, quick)
         summary[name] = (filled, total)
         head = f"## {name}: {td.title}\n\n"
-        if td.kind not in ("time", "figure2"):
+        if td.kind == "options":
+            head += ("Per option and arm: the monitors of the last pretraining epoch (monitors.py), frozen pooled "
+                     "features with 100% of the labels (test accuracy: cosine 20-NN vote, logistic regression), "
+                     "end-to-end fine-tuning with 1% and 10% of the labels (test F1 macro, mean ± sample std over "
+                     "seeds, n = finished runs), and the mean pretraining seconds per epoch.\n\n")
+        elif td.kind not in ("time", "figure2"):
             head += (f"Metric: {PR.METRIC_LABEL.get(td.metric, td.metric)} on the test split, mean ± sample std "
                      f"(ddof=1) over seeds, n = finished runs. ")
             head += ("Paper column: n/a (the paper has no synthetic data).\n\n" if quick else
@@ -446,7 +492,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         "epochs and short fine-tuning on a 2-core CPU (README, 'The real-data CPU study'). The paper columns are "
         "its Table 4 and Table 2 (ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs, an RTX 8000): another "
         "scale and init, shown for orientation, not as a target these runs should reach.\n\n"
-        if mode == "cpu" else
+        if mode.startswith("cpu") else
         "Our runs on the paper's data sets beside the numbers the paper prints. \"—\" marks cells with no finished "
         "run.\n\n") + f"Generated by `python tables.py --mode {mode}` from `{runs_dir}`.\n\n")
     atomic_write_text(out_dir / "tables.md", banner + "\n".join(sections))
@@ -459,8 +505,8 @@ def main(argv=None):
     p.add_argument("--runs", default=None, help="folder of run folders (default runs/<mode>)")
     p.add_argument("--out", default=None, help="output folder (default results/<mode>)")
     args = p.parse_args(argv)
-    runs_dir = args.runs or f"runs/{args.mode}"
-    out = Path(args.out or f"results/{args.mode}")
+    runs_dir = args.runs or str(RA.PROFILES[args.mode].runs)
+    out = Path(args.out or RA.PROFILES[args.mode].results)
     if not Path(runs_dir).is_dir():
         print(f"note: {runs_dir} does not exist yet; every cell is marked '{DASH} (no run)'", file=sys.stderr)
     summary = build_all(args.mode, runs_dir, out)

@@ -1,6 +1,7 @@
 """monitors.py: spread, effective rank, online k-NN, the collapse warning, and their place in the
 pretraining runs' log.csv (CASS and DINO)."""
 
+import json
 import math
 
 import numpy as np
@@ -142,6 +143,9 @@ def test_cass_log_holds_the_monitors_and_the_plot_is_written(cass_runs):
             assert 1.0 <= float(r[f"{arm}_rank"]) <= 64 and 0.0 <= float(r[f"{arm}_knn"]) <= 1.0
             assert float(r[f"{arm}_std_frac"]) == pytest.approx(float(r[f"{arm}_std"]) * math.sqrt(1000), rel=1e-3)
     assert "collapse" in rows[0] and "monitor_seconds" in rows[0]
+    init = json.loads((tmp / "on" / "monitors_init.json").read_text())  # the start, before any step
+    assert {"cnn_rank", "vit_rank", "cnn_knn", "vit_feat_std_frac"} <= set(init)
+    assert not (tmp / "off" / "monitors_init.json").exists()
     assert "cnn: out" in on.stdout and " rank " in on.stdout and " knn " in on.stdout
     assert (tmp / "on" / "monitors.png").stat().st_size > 10_000
 

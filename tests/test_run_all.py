@@ -217,3 +217,28 @@ def test_cpu_mode_without_its_data_root_runs_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped, data set brain-mri not given (set BRAIN_MRI_ROOT=" in proc.stdout
     assert todo_lines(proc.stdout) == []
+
+
+def test_cpu_options_mode_shares_the_cpu_runs_and_adds_one_run_per_option(tmp_path):
+    mri = tmp_path / "mri"
+    mri.mkdir()
+    proc = run_all("cpu-options", "--dry-run", env_extra={"BRAIN_MRI_ROOT": str(mri)})
+    assert proc.returncode == 0, proc.stderr
+    assert "under runs/cpu/" in proc.stdout and "--out results/cpu/options" in proc.stdout
+    cass = [ln for ln in todo_lines(proc.stdout) + [ln for ln in proc.stdout.splitlines() if ln.startswith("[done")]
+            if "pretrain_cass.py" in ln]
+    flags = sorted(ln.split("--out ")[1].split(" ", 1)[1].replace("--img-size 64 --workers 0", "").strip()
+                   for ln in cass)
+    assert flags == ["", "--predictor", "--projector 256", "--projector 256 --predictor", "--var-reg 1"]
+    ft = [ln for ln in proc.stdout.splitlines() if "finetune.py" in ln]
+    assert len(ft) == 5 * 2 * (2 + 3 + 3)  # per option and arm: knn, linear, 3 seeds at 1% and at 10%
+    assert all("--label-frac 1 " not in ln or "--eval" in ln for ln in ft)
+    assert not any("pretrain_dino.py" in ln for ln in proc.stdout.splitlines())
+
+
+def test_option_keys_leave_the_paper_recipe_key_unchanged():
+    base = RA.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random")
+    assert base.key() == ("cass", "brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", (), "adam", "none")
+    keys = {RA.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", **kw).key()
+            for _, kw in RA.CASS_OPTIONS}
+    assert len(keys) == len(RA.CASS_OPTIONS) and base.key() in keys

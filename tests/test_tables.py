@@ -268,3 +268,29 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
     cnn = next(ln for ln in mon.splitlines() if "| cnn |" in ln)
     assert "0.3000 → 0.0030" in cnn and "60.5 → 38.0" in cnn and "0.610 → 0.540" in cnn and "epoch 2 (cnn+vit)" in cnn
     assert "Real brain-MRI data, CPU scale" in (out / "tables.md").read_text()
+
+
+def test_options_table_reads_option_runs_by_their_flags(tmp_path):
+    runs = tmp_path / "runs"
+    mri = runs / "brain-mri"
+    log = "epoch,loss,seconds,cnn_std_frac,vit_std_frac,cnn_rank,vit_rank,cnn_knn,vit_knn,collapse\n" \
+          "0,0.5,100,0.3,0.2,50,20,0.6,0.6,\n1,0.4,120,0.25,0.15,55,25,0.7,0.65,\n"
+    pred = write_run(mri / "cass" / "p", cass_config("brain-mri", bs=16, epochs=3, predictor=True),
+                     files=("cnn.safetensors", "vit.safetensors"))
+    (pred / "log.csv").write_text(log)
+    w = str(pred / "vit.safetensors")
+    for seed, f1 in ((0, 0.5), (1, 0.7)):
+        write_run(mri / "ft" / f"p{seed}", ft_config("brain-mri", "vit_tiny_patch16_224", 0.1, seed, weights=w),
+                  metrics(f1))
+    write_run(mri / "ft" / "pk", {**ft_config("brain-mri", "vit_tiny_patch16_224", 1.0, 0, weights=w), "eval": "knn"},
+              {**metrics(0.4), "accuracy": 0.45})
+    prof = RA.replace(RA.CPU_OPTIONS, epochs=3)
+    out = tmp_path / "res"
+    tables.build_all("cpu-options", runs, out, prof=prof)
+    md = (out / "cpu_options.md").read_text()
+    vit = next(ln for ln in md.splitlines() if ln.startswith("| --predictor | ViT-Ti/16"))
+    cells = [c.strip() for c in vit.strip("|").split("|")]
+    assert cells[2:6] == ["0.1500", "25.0", "0.650", "0.4500 (n=1)"]
+    assert cells[8] == "0.6000 ± 0.1414 (n=2)" and cells[9] == "1 min 50 s" and cells[10] == "none"
+    paper = next(ln for ln in md.splitlines() if ln.startswith("| Paper recipe"))
+    assert "— (no run)" in paper  # the predictor's runs never land in the paper recipe's row
