@@ -349,9 +349,9 @@ def build_monitor_table(runs: Runs, out_dir: Path):
     """The label-free monitors (monitors.py) of every pretraining run found: first and last epoch per
     arm, the epoch of the collapse warning, and each run's monitors.png copied to figures/monitors/.
     Returns (markdown, csv, number of runs)."""
-    header = ["Run", "Arm", "Epochs", "Loss (first → last)", "Output spread / even (first → last)",
-              "Feature spread / even (last)", "Effective rank (first → last)", "20-NN accuracy (first → last)",
-              "Collapse warning"]
+    header = ["Run", "Arm", "Epochs", "Loss (epoch 1 → last)", "Output spread / even (epoch 1 → last)",
+              "Feature spread / even (init → last)", "Effective rank (init → epoch 1 → last)",
+              "Online 20-NN accuracy (init → epoch 1 → last)", "Collapse warning"]
     md_rows, csv_rows, figures = [], [], []
     for key, dirs in sorted(runs.pretrain.items(), key=lambda kv: str(kv[0])):
         for d in dirs:
@@ -359,16 +359,21 @@ def build_monitor_table(runs: Runs, out_dir: Path):
             if not rows or not any(k.endswith("_rank") for k in rows[0]):
                 continue
             first, last = rows[0], rows[-1]
+            init = _read_json(d / "monitors_init.json") or {}  # the initial weights (newer runs measure them)
+
+            def start(k, digits):
+                return f"{_f(init[k], digits)} → " if k in init else ""
             warned = next((f"epoch {int(r['epoch']) + 1} ({r['collapse']})" for r in rows if r.get("collapse")), "none")
             arms = [k[: -len("_rank")] for k in first if k.endswith("_rank")]
             name = f"{key[0]} {d.name}"
             for a in arms:
-                md_rows.append([name, a, len(rows), f"{_f(first['loss'], 4)} → {_f(last['loss'], 4)}",
+                md_rows.append([name, a, len(rows), f"{float(first['loss']):.3g} → {float(last['loss']):.3g}",
                                 f"{_f(first.get(f'{a}_std_frac'), 4)} → {_f(last.get(f'{a}_std_frac'), 4)}",
-                                _f(last.get(f"{a}_feat_std_frac")),
-                                f"{_f(first[f'{a}_rank'], 1)} → {_f(last[f'{a}_rank'], 1)}",
-                                f"{_f(first[f'{a}_knn'])} → {_f(last[f'{a}_knn'])}", warned])
-                csv_rows.append([key[0], d.name, a, len(rows), first["loss"], last["loss"],
+                                start(f"{a}_feat_std_frac", 3) + _f(last.get(f"{a}_feat_std_frac")),
+                                start(f"{a}_rank", 1) + f"{_f(first[f'{a}_rank'], 1)} → {_f(last[f'{a}_rank'], 1)}",
+                                start(f"{a}_knn", 3) + f"{_f(first[f'{a}_knn'])} → {_f(last[f'{a}_knn'])}", warned])
+                csv_rows.append([key[0], d.name, a, len(rows), init.get(f"{a}_feat_std_frac", ""),
+                                 init.get(f"{a}_rank", ""), init.get(f"{a}_knn", ""), first["loss"], last["loss"],
                                  first.get(f"{a}_std_frac", ""), last.get(f"{a}_std_frac", ""),
                                  last.get(f"{a}_feat_std_frac", ""), first[f"{a}_rank"], last[f"{a}_rank"],
                                  first[f"{a}_knn"], last[f"{a}_knn"], warned])
@@ -382,7 +387,8 @@ def build_monitor_table(runs: Runs, out_dir: Path):
                 figures.append((name, dest.relative_to(out_dir)))
     md = markdown_table(header, md_rows)
     md += "".join(f"\n\n![{n}]({p.as_posix()})" for n, p in figures)
-    csv_header = ["method", "run", "arm", "epochs", "loss_first", "loss_last", "out_std_frac_first",
+    csv_header = ["method", "run", "arm", "epochs", "feat_std_frac_init", "rank_init", "knn_init", "loss_first",
+                  "loss_last", "out_std_frac_first",
                   "out_std_frac_last", "feat_std_frac_last", "rank_first", "rank_last", "knn_first", "knn_last",
                   "collapse_warning"]
     return md, to_csv(csv_header, csv_rows), len({r[0] for r in md_rows})

@@ -248,6 +248,7 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
     cass = write_run(mri / "cass" / "c", cass_config("brain-mri", bs=16, epochs=3, img_size=64),
                      files=("cnn.safetensors", "vit.safetensors"))
     (cass / "log.csv").write_text(log)
+    (cass / "monitors_init.json").write_text(json.dumps({"cnn_rank": 13.5, "cnn_knn": 0.574, "cnn_feat_std_frac": 0.08}))
     w = str(cass / "cnn.safetensors")
     write_run(mri / "ft" / "ft", ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), metrics(0.8))
     write_run(mri / "ft" / "knn", {**ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), "eval": "knn"},
@@ -266,7 +267,10 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
     assert read_md_row((out / "cpu_frozen_f1.md").read_text(), "CASS (ResNet-18)")[1] == "0.5000 (n=1)"
     mon = (out / "monitors.md").read_text()
     cnn = next(ln for ln in mon.splitlines() if "| cnn |" in ln)
-    assert "0.3000 → 0.0030" in cnn and "60.5 → 38.0" in cnn and "0.610 → 0.540" in cnn and "epoch 2 (cnn+vit)" in cnn
+    assert "0.3000 → 0.0030" in cnn and "13.5 → 60.5 → 38.0" in cnn and "0.574 → 0.610 → 0.540" in cnn
+    assert "0.080 → 0.200" in cnn and "epoch 2 (cnn+vit)" in cnn and "0.02 → 5e-05" in cnn
+    vit = next(ln for ln in mon.splitlines() if "| vit |" in ln)
+    assert "| 12.0 → 1.4 |" in vit  # no initial value measured for this arm
     assert "Real brain-MRI data, CPU scale" in (out / "tables.md").read_text()
 
 
