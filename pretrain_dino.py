@@ -310,12 +310,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
 
 
 def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, momentum, clip_grad,
-               freeze_last_layer, device):
+               freeze_last_layer, device, moments=None):
     """One DINO iteration: set lr and weight decay, teacher forward on the 2 global crops, student
     forward on all crops, loss, backward, per-parameter clipping, last layer frozen during the first
     `freeze_last_layer` epochs, optimiser step, then the teacher's EMA update.
-    Returns (loss, stats) as device tensors (no host sync); stats["teacher_out"] holds the teacher's
-    outputs for the collapse monitor."""
+    Returns (loss, stats) as device tensors (no host sync). `moments` (a dict), if given, gets the
+    running sums of the teacher's normalised outputs (monitors.output_moments: the collapse signal)."""
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = lr
         if i == 0:  # only the first group is regularised
@@ -336,7 +336,9 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
         cancel_last_layer_grads(student)
     optimizer.step()
     ema_update(teacher, student, momentum)
-    return loss.detach(), {**stats, "teacher_out": teacher_out.detach()}
+    if moments is not None:
+        output_moments(moments, "teacher", teacher_out)
+    return loss.detach(), stats
 
 
 def is_cnn_input(model):
@@ -440,10 +442,9 @@ def main(argv=None):
             loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
-                                  freeze_last_layer=args.freeze_last_layer, device=device)
+                                  freeze_last_layer=args.freeze_last_layer, device=device, moments=moments)
             watch.update(loss, step)
             sums += torch.stack([loss, st["teacher_entropy"], st["teacher_kl_to_mean"], st["student_kl"]])
-            output_moments(moments, "teacher", st["teacher_out"])
             if step % 20 == 0:  # the only host sync inside the epoch
                 watch.check(epoch, out, hint)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
