@@ -30,8 +30,8 @@ import torch
 
 # Below this fraction of an even spread, in any arm, a run is reported as collapsed. Measured on
 # brain MRI at 64 px (README, "Monitoring a run"): the logits of random-init ResNet-18 and ViT-Ti/16
-# start at 0.07-0.37 of an even spread, and the collapsed runs of the paper's recipe sit at
-# 0.001-0.003 after a few epochs; 0.02 is 3x below the lowest healthy start and 7x above collapse.
+# start at 0.07-0.37 of an even spread, and the paper's recipe takes them to 0.001-0.008 by its
+# second and third epochs; 0.02 is 3.5x below the lowest healthy start and 2.5x above collapse.
 COLLAPSE_FRAC = 0.02
 COLLAPSE_HINT = ("the arms emit nearly the same vector for every image; try ImageNet weights (--init imagenet), "
                  "a lower --lr, or a shorter run; see README 'Monitoring a run'")
