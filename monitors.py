@@ -171,10 +171,16 @@ def output_spreads(moments: dict, n: float) -> dict:
     return row
 
 
+def arms_of(columns, suffix: str) -> list:
+    """The arms that have a `<arm><suffix>` column (outputs: '_std_frac'; features: '_feat_std_frac',
+    '_rank'), sorted."""
+    arms = {k[: -len(suffix)] for k in columns if k.endswith(suffix)}
+    return sorted(a for a in arms if not (suffix == "_std_frac" and a.endswith("_feat")))
+
+
 def collapsed_arms(row: dict, threshold: float = COLLAPSE_FRAC) -> list:
     """Arms whose output spread (or, without one, pooled-feature spread) is below threshold x even."""
-    arms = sorted({k[: -len("_std_frac")] for k in row if k.endswith("_std_frac") and not k.endswith("_feat_std_frac")})
-    arms = arms or sorted({k[: -len("_feat_std_frac")] for k in row if k.endswith("_feat_std_frac")})
+    arms = arms_of(row, "_std_frac") or arms_of(row, "_feat_std_frac")
     out = []
     for a in arms:
         v = row.get(f"{a}_std_frac", row.get(f"{a}_feat_std_frac"))
@@ -206,7 +212,7 @@ class CollapseWarning:
 
 def monitor_line(row: dict) -> str:
     """The monitors of a log row for the progress line: spread fraction, rank and k-NN per arm."""
-    arms = sorted({k[: -len("_rank")] for k in row if k.endswith("_rank")})
+    arms = arms_of(row, "_rank")
     parts = []
     for a in arms:
         out = f"out {float(row[f'{a}_std_frac']):.3f} " if f"{a}_std_frac" in row else ""
@@ -240,9 +246,8 @@ def plot_run(run_dir, out_png=None) -> Path:
     def feat(k):  # a feature monitor's curve, from epoch 0 when the start was measured
         return ([0] + ep, [float(init[k])] + col(k)) if init and k in init else (ep, col(k))
 
-    arms = sorted({k[: -len("_rank")] for k in rows[0] if k.endswith("_rank")})
-    out_arms = sorted({k[: -len("_std_frac")] for k in rows[0]
-                       if k.endswith("_std_frac") and not k.endswith("_feat_std_frac")})
+    arms = arms_of(rows[0], "_rank")
+    out_arms = arms_of(rows[0], "_std_frac")
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
     ax[0].plot(ep, col("loss"), "k-o", ms=3)
     ax[0].set_yscale("log")

@@ -36,7 +36,7 @@ import paper_results as PR
 import run_all as RA
 from aggregate import aggregate
 from common import atomic_save_figure, atomic_write_text
-from monitors import COLLAPSE_FRAC
+from monitors import COLLAPSE_FRAC, arms_of
 
 ROOT = Path(__file__).resolve().parent
 DASH = "—"
@@ -364,7 +364,7 @@ def build_monitor_table(runs: Runs, out_dir: Path):
             def start(k, digits):
                 return f"{_f(init[k], digits)} → " if k in init else ""
             warned = next((f"epoch {int(r['epoch']) + 1} ({r['collapse']})" for r in rows if r.get("collapse")), "none")
-            arms = [k[: -len("_rank")] for k in first if k.endswith("_rank")]
+            arms = arms_of(first, "_rank")
             name = f"{key[0]} {d.name}"
             for a in arms:
                 md_rows.append([name, a, len(rows), f"{float(first['loss']):.3g} → {float(last['loss']):.3g}",
