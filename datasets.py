@@ -8,6 +8,7 @@ tensors through a torchvision transform; `cass_augment` and `eval_transform` are
 """
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from common import UserError, atomic_write_json, atomic_write_text, is_main
 
@@ -454,25 +456,42 @@ def default_split_file(table: ImageTable, seed: int) -> Path:
 
 
 def get_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
-    """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}."""
+    """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}.
+
+    The file is made under a lock (file_lock) and renamed into place when complete: processes that
+    need the same split at once (run_all --jobs N) make it once, and never read a half-written one."""
     path = Path(split_file) if split_file else default_split_file(table, seed)
+    if not path.exists():
+        with file_lock(path):  # another process making the same split: wait, then read its file
+            if not path.exists():
+                split = make_split(table, seed)
+                atomic_write_json(path, {"data": table.name, "root": table.root, "split_seed": seed,
+                                         "fingerprint": table.fingerprint(),
+                                         **{k: [table.ids[r] for r in v] for k, v in split.items()}})
+                return split
     index = {i: r for r, i in enumerate(table.ids)}
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            parts = {k: saved[k] for k in ("train", "val", "test")}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"--split-file {path} is not a split file (JSON with train/val/test id lists)")
-        missing = [i for ids in parts.values() for i in ids if i not in index]
-        if missing:
-            raise UserError(f"--split-file {path} lists {len(missing)} ids not in the data set (first: "
-                            f"{missing[0]}); it belongs to other data: delete it to make a new split")
-        return {k: np.asarray([index[i] for i in ids], dtype=np.int64) for k, ids in parts.items()}
-    split = make_split(table, seed)
-    atomic_write_json(path, {"data": table.name, "root": table.root, "split_seed": seed,
-                             "fingerprint": table.fingerprint(),
-                             **{k: [table.ids[r] for r in v] for k, v in split.items()}})
-    return split
+    try:
+        saved = json.loads(path.read_text())
+        parts = {k: saved[k] for k in ("train", "val", "test")}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"--split-file {path} is not a split file (JSON with train/val/test id lists)")
+    missing = [i for ids in parts.values() for i in ids if i not in index]
+    if missing:
+        raise UserError(f"--split-file {path} lists {len(missing)} ids not in the data set (first: "
+                        f"{missing[0]}); it belongs to other data: delete it to make a new split")
+    return {k: np.asarray([index[i] for i in ids], dtype=np.int64) for k, ids in parts.items()}
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (the hidden file .<name>.lock beside it) for the block; other
+    processes asking for it wait. Used around "is it there? else make it and rename it into place"."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 # ---------------------------------------------------------------- transforms
@@ -522,8 +541,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def image(self, row: int) -> Image.Image:
+        """The row's image; from the decoded cache, with info["source_size"] = the (height, width) of
+        the file it was resized from."""
         t = self.table
-        return array_to_rgb(np.asarray(t.array[row])) if t.array is not None else load_rgb(t.paths[row])
+        if t.array is None:
+            return load_rgb(t.paths[row])
+        img = array_to_rgb(np.asarray(t.array[row]))
+        if "source_sizes" in t.extra:
+            img.info["source_size"] = tuple(int(v) for v in t.extra["source_sizes"][row])
+        return img
 
     def __getitem__(self, key):
         """key: a position i, or (epoch_seed, i) from EpochSampler: the transform's random draws then
@@ -780,11 +806,36 @@ class PILSolarize:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
+class SourceCrop:
+    """torchvision's RandomResizedCrop drawn in the geometry of the image's source file.
+
+    The decoded cache stretches every image to a square; a crop drawn on that square would have
+    another aspect ratio than the same crop drawn on the file (a 600 x 450 image: 4:3 squeezed to
+    1:1). SourceCrop draws (top, left, height, width) with RandomResizedCrop.get_params on the source
+    size (img.info["source_size"], else the image's own size), maps that box onto the image (to
+    whole pixels: at most half a pixel off) and resizes it to size x size. On an image that is its own
+    source this is torchvision's RandomResizedCrop: the same random draws and the same pixels."""
+
+    def __init__(self, size: int, scale, interpolation=T.InterpolationMode.BICUBIC):
+        self.size, self.scale, self.interpolation = size, tuple(scale), interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        h0, w0 = img.info.get("source_size", (img.height, img.width))
+        shape_only = torch.empty(1, 1, 1).expand(1, h0, w0)  # get_params reads only the size
+        top, left, h, w = T.RandomResizedCrop.get_params(shape_only, self.scale, (3 / 4, 4 / 3))
+        sy, sx = img.height / h0, img.width / w0
+        y0, x0 = round(top * sy), round(left * sx)
+        y1, x1 = max(y0 + 1, round((top + h) * sy)), max(x0 + 1, round((left + w) * sx))
+        return TF.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [self.size, self.size], self.interpolation,
+                               antialias=True)
+
+
 class DinoMultiCrop:
     """The multi-crop augmentation of official DINO (facebookresearch/dino, DataAugmentationDINO).
 
     Returns a list of 2 + n_local tensors: two global crops of `global_size` px (RandomResizedCrop,
-    scale `global_scale`, bicubic), then `n_local` local crops of `local_size` px (scale
+    scale `global_scale`, bicubic; as SourceCrop, so crops of a cached image keep the file's aspect
+    ratio), then `n_local` local crops of `local_size` px (scale
     `local_scale`). Every crop: horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
     grayscale p=0.2. Gaussian blur p=1.0 on global crop 1; blur p=0.1 and solarise p=0.2 on global
     crop 2; blur p=0.5 on the local crops. Then ToTensor and normalisation (ImageNet by default)."""
@@ -796,7 +847,6 @@ class DinoMultiCrop:
                 raise UserError(f"--{name}-scale {lo} {hi}: expected 0 < min <= max <= 1")
         if global_size < 1 or local_size < 1 or n_local < 0:
             raise UserError("crop sizes must be positive and the number of local crops >= 0")
-        bicubic = T.InterpolationMode.BICUBIC
         flip_and_color_jitter = T.Compose([
             T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
@@ -804,14 +854,12 @@ class DinoMultiCrop:
         ])
         normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         self.global1 = T.Compose([
-            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
-            flip_and_color_jitter, PILGaussianBlur(1.0), normalize])
+            SourceCrop(global_size, global_scale), flip_and_color_jitter, PILGaussianBlur(1.0), normalize])
         self.global2 = T.Compose([
-            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
-            flip_and_color_jitter, PILGaussianBlur(0.1), PILSolarize(0.2), normalize])
+            SourceCrop(global_size, global_scale), flip_and_color_jitter, PILGaussianBlur(0.1), PILSolarize(0.2),
+            normalize])
         self.local = T.Compose([
-            T.RandomResizedCrop(local_size, scale=tuple(local_scale), interpolation=bicubic),
-            flip_and_color_jitter, PILGaussianBlur(0.5), normalize])
+            SourceCrop(local_size, local_scale), flip_and_color_jitter, PILGaussianBlur(0.5), normalize])
         self.n_local = n_local
 
     def __call__(self, img):
@@ -822,8 +870,9 @@ class DinoMultiCrop:
 
 # bump when the decoding below changes: old caches are then never reused. 2: unreadable files no longer stop
 # the build; their rows stay zero and the marker lists them ("bad"), so code of version 1, which would take
-# those zeros for black images, must not find these files.
-CACHE_VERSION = 2
+# those zeros for black images, must not find these files. 3: the marker holds each source image's size
+# ("sizes"), from which DINO's crops keep the original aspect ratio.
+CACHE_VERSION = 3
 
 
 class MappedArray:
@@ -861,11 +910,15 @@ class MappedArray:
                 "ndim": self.ndim, "_a": None}
 
 
-def decode_resized(path, size: int) -> np.ndarray:
+def decode_resized(path, size: int, source_size: list = None) -> np.ndarray:
     """One image file as uint8 (size, size, 3): load_rgb, then exactly the Resize((size, size))
     that cass_augment and eval_transform begin with (PIL bilinear, antialiased), so those transforms
-    give bit-identical results on the cached image (their Resize is then the identity)."""
-    img = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)(load_rgb(path))
+    give bit-identical results on the cached image (their Resize is then the identity). The decoded
+    image's (height, width) is appended to `source_size` when given."""
+    img = load_rgb(path)
+    if source_size is not None:
+        source_size.append((img.height, img.width))
+    img = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)(img)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -887,29 +940,32 @@ def _decode_chunk(job, on_item=None):
     """Worker of _decode_all: fully decode each (key, path) of a chunk. With `tmp` (the cache's
     temporary .npy file) the resized image goes to position `key` of it; without, the file is only
     read (check_images). on_item() is called after each file. Returns (number done, [(key, path,
-    reason)] of the files that cannot be read: their positions stay zero)."""
+    reason)] of the files that cannot be read: their positions stay zero, {key: (height, width)} of
+    the source images read into the cache)."""
     tmp, items, size = job
     out = np.load(tmp, mmap_mode="r+") if tmp else None
-    bad = []
+    bad, sizes = [], {}
     for key, p in items:
         try:
             if out is None:
                 load_rgb(p)
             else:
-                out[key] = decode_resized(p, size)
+                hw = []
+                out[key] = decode_resized(p, size, hw)
+                sizes[key] = hw[0]
         except UserError as e:
             bad.append((key, str(p), getattr(e, "reason", str(e))))
         if on_item is not None:
             on_item()
     if out is not None:
         out.flush()
-    return len(items), bad
+    return len(items), bad, sizes
 
 
 def _decode_all(tmp, items, size, workers, desc, progress) -> list:
     """_decode_chunk over every (key, path) of `items`, in `workers` forked processes (in this one
-    for few items or workers=0), with a progress bar; returns the sorted [(key, path, reason)] of
-    the files that cannot be read."""
+    for few items or workers=0), with a progress bar; returns (the sorted [(key, path, reason)] of
+    the files that cannot be read, {key: (height, width)} of the source images read into `tmp`)."""
     from tqdm import tqdm
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress or None, dynamic_ncols=True)
     if workers > 0 and len(items) > 64:
@@ -917,15 +973,16 @@ def _decode_all(tmp, items, size, workers, desc, progress) -> list:
         from concurrent.futures import ProcessPoolExecutor
         chunk = max(16, min(256, len(items) // (workers * 8) or 1))
         jobs = [(tmp, items[a:a + chunk], size) for a in range(0, len(items), chunk)]
-        bad = []
+        bad, sizes = [], {}
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-            for k, b in ex.map(_decode_chunk, jobs):
+            for k, b, hw in ex.map(_decode_chunk, jobs):
                 bad += b
+                sizes.update(hw)
                 bar.update(k)
     else:
-        bad = _decode_chunk((tmp, items, size), on_item=lambda: bar.update(1))[1]
+        _, bad, sizes = _decode_chunk((tmp, items, size), on_item=lambda: bar.update(1))
     bar.close()
-    return sorted(bad)
+    return sorted(bad), sizes
 
 
 def check_images(table: ImageTable, rows=None, workers: int = 0, progress: bool = True) -> list:
@@ -935,7 +992,7 @@ def check_images(table: ImageTable, rows=None, workers: int = 0, progress: bool 
     if table.array is not None or not table.paths:
         return []
     rows = np.arange(len(table)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    return _decode_all(None, [(int(r), table.paths[r]) for r in rows], None, workers, "checking images", progress)
+    return _decode_all(None, [(int(r), table.paths[r]) for r in rows], None, workers, "checking images", progress)[0]
 
 
 def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, workers: int = 0,
@@ -953,7 +1010,9 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
     listed in the marker, so a later run knows them without decoding again. Then, unless skip_bad,
     a one-line UserError names the first; with skip_bad the table is returned with those rows out of
     the cache (reading one raises IndexError, never a black image) and listed as (row, path, reason)
-    in extra["bad_images"] (empty when every file was read), for the caller to leave them out."""
+    in extra["bad_images"] (empty when every file was read), for the caller to leave them out.
+    extra["source_sizes"] holds each cached row's source image (height, width), which the cached
+    square stretches: DinoMultiCrop cuts its crops in the source's geometry (see SourceCrop)."""
     if table.array is not None or not table.paths:
         return table
     import fcntl
@@ -977,6 +1036,8 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
     bad = sorted((int(rows[b["pos"]]), b["path"], b["reason"]) for b in marker.get("bad", []))
     if bad and not skip_bad:
         raise bad_images_error(bad, len(rows))
+    source_sizes = np.zeros((len(table), 2), dtype=np.int64)  # (height, width) of each cached row's file
+    source_sizes[rows] = np.asarray(marker["sizes"], dtype=np.int64).reshape(-1, 2)
     index = None
     if bad or len(rows) != len(table) or not np.array_equal(rows, np.arange(len(table))):
         index = np.full(len(table), -1, dtype=np.int64)
@@ -984,7 +1045,7 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
         index[[r for r, _, _ in bad]] = -1  # zeros in the file: never read as an image
     return dataclasses.replace(table, array=MappedArray(path, index),
                                extra={**table.extra, "decoded_cache": str(path), "cache_size": size,
-                                      "bad_images": bad})
+                                      "bad_images": bad, "source_sizes": source_sizes})
 
 
 def _read_marker(path: Path, done: Path, fp: str):
@@ -1018,8 +1079,8 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         out.flush()
         del out  # the decoding writes through its own memory maps (in worker processes or here)
-        bad = _decode_all(tmp, [(pos, table.paths[r]) for pos, r in enumerate(rows)], size, workers, "decoding",
-                          progress)
+        bad, sizes = _decode_all(tmp, [(pos, table.paths[r]) for pos, r in enumerate(rows)], size, workers,
+                                 "decoding", progress)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1029,7 +1090,8 @@ def _build_cache(table, rows, size, path, done, fp, workers, progress) -> dict:
         raise
     marker = {"fingerprint": fp, "data": table.name, "root": table.root, "size": size, "n": n,
               "version": CACHE_VERSION, "seconds": round(time.perf_counter() - t0, 2),
-              "bad": [{"pos": int(pos), "row": int(rows[pos]), "path": p, "reason": why} for pos, p, why in bad]}
+              "bad": [{"pos": int(pos), "row": int(rows[pos]), "path": p, "reason": why} for pos, p, why in bad],
+              "sizes": [list(sizes.get(pos, (0, 0))) for pos in range(n)]}  # source (height, width); 0: unreadable
     _write_marker(done, marker)
     return marker
 

@@ -20,11 +20,18 @@ The runs are executed by --jobs worker processes that import the scripts once an
 script's main() with exactly the arguments of the command the plan prints (importing torch and timm
 costs seconds, and the quick mode has 42 runs); each run's output goes to <run folder>/run_all.log.
 Every printed command can also be run by hand.
+
+Stopping: SIGTERM or Ctrl-C (`timeout`, `kill`, a scheduler's time limit) is passed on to every
+running job, which saves a checkpoint after its current step and stops; run_all waits for them (at
+most --stop-timeout seconds; a second signal: not at all), names the stopped runs in one line and
+exits with 128 + the signal number. Workers whose main process is killed outright stop the same way
+by themselves. A worker that dies (out of memory, killed) fails its run, reported with how it died.
 """
 
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -104,7 +111,7 @@ QUICK = Profile(
 )
 
 # Paper: Section 4 and Appendix C.5-C.6. The scripts' defaults are the paper's recipe (CASS: 384 px,
-# Adam 1e-3, cosine T_max 16, SWA; DINO: the official recipe at 224 px; fine-tuning: 384 px, Adam
+# Adam 1e-3, cosine T_max 16, SWA; DINO: the official recipe with 384 px global crops (as CASS); fine-tuning: 384 px, Adam
 # 3e-4, focal loss, 50 epochs, patience 5), so no extra flags are needed.
 PAPER = Profile(
     name="paper", cnn="resnet50", vit="vit_base_patch16_384", bs=16, epochs=100, init="imagenet",
@@ -138,7 +145,12 @@ CASS_OPTIONS = (("Paper recipe (Equation 1 on the logits)", {}),
                 ("--projector 256", {"projector": 256}),
                 ("--projector 256 --predictor", {"projector": 256, "predictor": True}),
                 ("--var-reg 1", {"var_reg": 1.0}))
-PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU, "cpu-options": CPU_OPTIONS}
+# The focal loss's class weights on the CPU study's setting: the paper's min-max weights (which give the most
+# frequent class the largest weight, as the authors coded them) against inverse-frequency weights and none,
+# supervised from random init at 10% labels (3 seeds); the min-max rows are the cpu mode's runs.
+CPU_WEIGHTS = replace(CPU, name="cpu-weights", runs_dir="runs/cpu", results_dir="results/cpu/class_weights")
+CLASS_WEIGHTS = (("min-max (paper)", "minmax"), ("inverse frequency", "inverse"), ("none", "none"))
+PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU, "cpu-options": CPU_OPTIONS, "cpu-weights": CPU_WEIGHTS}
 
 # timm has no ImageNet weights for plain ResNet-200 (only resnet200d); the paper used random init.
 NO_IMAGENET = {"resnet200"}
@@ -283,6 +295,7 @@ class Finetune:
     arm: Optional[str] = None  # 'cnn' | 'vit' (which arm of CASS; for DINO and supervised: the role)
     init: str = "imagenet"
     eval: str = "finetune"  # finetune | knn | linear (finetune.py --eval: frozen-feature probes)
+    class_weights: str = "minmax"  # finetune.py --class-weights
 
     @property
     def method(self) -> str:
@@ -292,12 +305,14 @@ class Finetune:
         src = self.source.key() if self.source is not None else ("supervised", self.init)
         arm = self.arm if self.method == "cass" else None
         return (self.data, self.arch, round(float(self.frac), 6), src, arm) + \
-            ((self.eval,) if self.eval != "finetune" else ())
+            ((self.eval,) if self.eval != "finetune" else ()) + \
+            ((("class_weights", self.class_weights),) if self.class_weights != "minmax" else ())
 
     def group(self) -> str:
+        cw = f"-cw{self.class_weights}" if self.class_weights != "minmax" else ""
         if self.source is None:
-            return f"supervised-{self.init}"
-        return f"{self.source.method}-{self.source.name()}" + (f"-{self.arm}" if self.method == "cass" else "")
+            return f"supervised-{self.init}{cw}"
+        return f"{self.source.method}-{self.source.name()}" + (f"-{self.arm}" if self.method == "cass" else "") + cw
 
 
 def pretrain_dir(prof: Profile, src, seed: int) -> Path:
@@ -406,6 +421,8 @@ def study(prof: Profile) -> dict:
         return cpu_study(prof)
     if prof.name == "cpu-options":
         return cpu_options_study(prof)
+    if prof.name == "cpu-weights":
+        return cpu_weights_study(prof)
     P, t = prof, {}
     main = {"table1": "autoimmune", "table3": "dermofit", "table4": "brain-mri", "table5": "isic2019"}
     for name, data in main.items():
@@ -555,6 +572,21 @@ def cpu_options_study(prof: Profile) -> dict:
                                     data, "f1_macro", "options", cells, sources=sources)}
 
 
+def cpu_weights_study(prof: Profile) -> dict:
+    """The focal loss's class weights (finetune.py --class-weights) on the CPU study's setting: supervised
+    fine-tuning from random init at 10% labels, each backbone, the profile's seeds."""
+    data, cells = "brain-mri", []
+    for arch in (prof.cnn, prof.vit):
+        for row, cw in CLASS_WEIGHTS:
+            cells.append(Cell(f"{label(arch)}, {row}", "10%",
+                              Finetune(data, arch, 0.1, None, None, prof.init, class_weights=cw)))
+    f1 = TableDef("cpu_class_weights", f"Class weights of the focal loss, brain MRI, supervised from random init "
+                  f"({CPU_IMG} px, CPU): test F1 (macro)", data, "f1_macro", "ablation", cells)
+    bacc = replace(f1, name="cpu_class_weights_bacc", metric="balanced_accuracy",
+                   title=f1.title.replace("F1 (macro)", "balanced accuracy"))
+    return {"cpu_class_weights": f1, "cpu_class_weights_bacc": bacc}
+
+
 # ---------------------------------------------------------------- the plan
 
 @dataclass
@@ -622,6 +654,8 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
                 "--arch", ft.arch, "--label-frac", f"{ft.frac:g}", "--seed", str(seed)]
         if ft.eval != "finetune":
             argv += ["--eval", ft.eval]
+        if ft.class_weights != "minmax":
+            argv += ["--class-weights", ft.class_weights]
         needs = ()
         if ft.source is not None:
             pre = add_pretrain(ft.source, pretrain_seed(prof, seed))
@@ -707,6 +741,8 @@ def tables_job(prof: Profile) -> Job:
 
 RUN_KINDS = ("cass", "dino", "finetune")
 SCRIPTS = ("finetune", "pretrain_cass", "pretrain_dino")
+JOBS_PER_WORKER = 25  # then a fresh worker process: no slow leaks
+STOP_TIMEOUT = 120  # seconds the running jobs get to save a checkpoint after SIGTERM / Ctrl-C
 
 
 def _worker_init(threads: int):
@@ -764,27 +800,131 @@ def run_in_worker(argv: list, log_path) -> int:
     return rc
 
 
-def _summary(job: Job, rc: int, seconds: float) -> list:
-    """Lines to print when a job ends: its last output line, or the tail of its log on failure."""
+def _worker_loop(conn, threads: int, parent: int):
+    """A worker process of execute(): run the jobs (argv, log path) that come on `conn`, answering
+    each with its exit status, until None comes or the main process is gone.
+
+    It leaves the main process's process group first: a terminal's Ctrl-C (SIGINT to the whole
+    foreground group) then reaches the main process alone, which passes it on once. A run that got
+    it twice, from the terminal and from the main process, would quit at once without saving its
+    checkpoint (common.StopOnSignal)."""
+    os.setpgrp()
+    _stop_when_orphaned(parent)
+    _worker_init(threads)
+    while True:
+        try:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(run_in_worker(*task))
+        except (EOFError, OSError):  # the main process is gone
+            return
+
+
+def _stop_when_orphaned(parent: int):
+    """Send this process SIGTERM as soon as its parent, the main process, is gone (killed with
+    SIGKILL, say): the running job then saves its checkpoint after its current step and stops,
+    instead of training on with nobody waiting for it."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+class Worker:
+    """One worker process of execute() (spawned, in its own process group) and the job it runs."""
+
+    def __init__(self, ctx, threads: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_loop, args=(child, threads, os.getpid()), name="run_all-worker")
+        self.proc.start()
+        child.close()
+        self.job, self.since, self.n_jobs = None, 0.0, 0  # job: None when idle
+
+    def run(self, job: Job, log):
+        self.conn.send((job.argv, log))
+        self.job, self.since, self.n_jobs = job, time.time(), self.n_jobs + 1
+
+    def result(self):
+        """The job's exit status once it has ended, a string saying how the worker died if it died,
+        None while the job runs."""
+        if not self.conn.poll() and self.proc.is_alive():
+            return None
+        try:
+            if self.conn.poll():
+                return self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.proc.join()
+        return _death(self.proc.exitcode)
+
+    def send(self, sig):
+        """Send `sig` to the worker; SIGKILL also to its process group (its data loader processes)."""
+        if self.proc.exitcode is not None:  # gone already (and its process id free for reuse)
+            return
+        for kill in ((os.killpg, os.kill) if sig == signal.SIGKILL else (os.kill,)):
+            try:
+                kill(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):  # (no group yet: it has not called setpgrp)
+                pass
+
+    def close(self):
+        """End the worker: an idle one is asked to, a busy one is killed."""
+        if self.proc.exitcode is None:
+            if self.job is None:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    pass
+                self.proc.join(10)
+            self.send(signal.SIGKILL)
+            self.proc.join()
+        self.conn.close()
+
+
+def _death(exitcode) -> str:
+    """How a worker process ended, from its exit code."""
+    if exitcode is None or exitcode >= 0:
+        return f"exited with status {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    return f"killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
+
+
+def _summary(job: Job, rc: int, seconds: float, died: str = None) -> list:
+    """Lines to print when a job ends: its last output line, or the tail of its log on failure
+    (died: how its worker process died)."""
     logf = job.log_path()
     lines = [ln for ln in logf.read_text().splitlines() if ln.strip()] if logf.exists() else []
-    if rc != 0:
+    if died or rc != 0:
         shown = logf.relative_to(ROOT) if logf.is_relative_to(ROOT) else logf
-        return ([f"  FAILED {job.kind} {job.out} (exit {rc}, {seconds:.0f}s); last lines of {shown}:"]
+        what = f"{seconds:.0f}s): the worker process running it died: {died}" if died else f"exit {rc}, {seconds:.0f}s)"
+        return ([f"  FAILED {job.kind} {job.out} ({what}; last lines of {shown}:"]
                 + ["    " + ln for ln in lines[-15:]])
     last = lines[-1].strip() if lines else ""
     return [f"  done {job.kind} {job.out} ({seconds:.0f}s): {last[:160] + '...' if len(last) > 160 else last}"]
 
 
-def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: float) -> list:
+def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: float,
+            stop_timeout: float = STOP_TIMEOUT) -> list:
     """Run the jobs that are not done on n_parallel worker processes, each job as soon as the files
     it needs exist (fine-tuning waits for its pretraining) and its data set is prepared, in plan
     order; the maps and the tables run last. Each job's output goes to <out>/run_all.log (with
     --verbose: the terminal). With several workers each gets cores / n_parallel CPU threads
-    (OMP_NUM_THREADS, unless set). Returns the failed jobs."""
+    (OMP_NUM_THREADS, unless set). Returns the failed jobs; a job whose worker process died (killed,
+    out of memory) is one, reported with how the worker died.
+
+    SIGTERM or SIGINT (Ctrl-C) stops the sweep: it is passed on to every running job, which saves a
+    checkpoint after its current step and stops (common.StopOnSignal). After stop_timeout seconds,
+    or at a second signal, the jobs still running are killed. Then one line names the stopped runs,
+    and SystemExit(128 + the signal number) is raised."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import wait
 
     todo = [j for j in jobs if not j.is_done()]
     final = [j for j in todo if j.kind in ("maps", "tables")]
@@ -793,10 +933,11 @@ def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: fl
     pending = [j for j in pending if j.kind != "data" or str(j.out) in needed]  # data of finished runs: skip
     n_runs = sum(j.kind in RUN_KINDS for j in pending)
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // n_parallel))
-    running, failed, started = {}, [], 0
-    pool = ProcessPoolExecutor(n_parallel, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(threads if n_parallel > 1 else 0,),
-                               max_tasks_per_child=25)  # a fresh worker now and then: no slow leaks
+    ctx = multiprocessing.get_context("spawn")
+    workers, failed, started, signals = [], [], 0, []
+
+    def busy():
+        return [w for w in workers if w.job is not None]
 
     def start(job):
         nonlocal started
@@ -809,58 +950,108 @@ def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: fl
                 f.write(f"\n$ {job.command()}\n")
         tag = f"[{started}/{n_runs}] " if job.kind in RUN_KINDS else ""
         print(f"{tag}start {job.kind} {job.out}  ({time.time() - t0:.0f}s elapsed)", flush=True)
-        running[pool.submit(run_in_worker, job.argv, log)] = (job, time.time())
+        w = next((w for w in workers if w.job is None), None)
+        if w is None:
+            w = Worker(ctx, threads if n_parallel > 1 else 0)
+            workers.append(w)
+        w.run(job, log)
 
-    def reap(timeout=None):
-        done, _ = wait(list(running), timeout=timeout, return_when=FIRST_COMPLETED)
-        for fut in done:
-            job, t_start = running.pop(fut)
-            try:
-                rc = fut.result()
-            except BrokenProcessPool:  # the worker was killed (e.g. out of memory): no job can run any more
-                rc = "a worker process died (killed, out of memory?); run the same command again to resume"
-            except Exception as e:
-                rc = f"runner error: {type(e).__name__}: {e}"
-            for line in _summary(job, rc if isinstance(rc, int) else 1, time.time() - t_start):
-                print(line)
-            if not isinstance(rc, int):
-                print(f"  {rc}")
-            sys.stdout.flush()
-            if rc != 0:
-                failed.append(job)
+    def reap(timeout=1.0) -> list:
+        """[(job, exit status or how its worker died, seconds)] of the jobs that ended within `timeout`."""
+        wait([c for w in busy() for c in (w.conn, w.proc.sentinel)], timeout)
+        ended = []
+        for w in busy():
+            rc = w.result()
+            if rc is None:
+                continue
+            ended.append((w.job, rc, time.time() - w.since))
+            w.job = None
+            if isinstance(rc, str) or w.n_jobs >= JOBS_PER_WORKER:  # dead, or a fresh one next: no slow leaks
+                w.close()
+                workers.remove(w)
+        return ended
 
+    def report(job, rc, seconds):
+        died = rc if isinstance(rc, str) else None
+        if died and not verbose:
+            with open(job.log_path(), "a") as f:
+                f.write(f"run_all: the worker process running this job died: {died}\n")
+        for line in _summary(job, 1 if died else rc, seconds, died):
+            print(line)
+        sys.stdout.flush()
+        if rc != 0:
+            failed.append(job)
+
+    def stop():
+        signum = signals[0]
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: asking {len(busy())} running job(s) to save a checkpoint and stop (up to "
+              f"{stop_timeout:g}s; a second signal ends them at once)", flush=True)
+        for w in busy():
+            w.send(signal.SIGTERM)  # even for SIGINT: outside its training loop a job then ends quietly
+        saved, lost = [], []
+        deadline = time.time() + stop_timeout
+        while busy() and len(signals) < 2 and time.time() < deadline:
+            for job, rc, seconds in reap(min(1.0, max(0.0, deadline - time.time()))):
+                if rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+                    saved.append(job)
+                elif isinstance(rc, str):  # ended by the signal outside its training loop
+                    lost.append(job)
+                else:
+                    report(job, rc, seconds)
+        for w in busy():
+            lost.append(w.job)
+            w.send(signal.SIGKILL)
+        saved.sort(key=jobs.index), lost.sort(key=jobs.index)  # in plan order
+        parts = []
+        if saved:
+            parts.append(f"checkpoint saved by {', '.join(str(j.out) for j in saved)}")
+        if lost:
+            parts.append("killed without a new checkpoint (resumes from its last saved epoch): "
+                         + ", ".join(str(j.out) for j in lost))
+        print(f"stopped by {name}: {'; '.join(parts) or 'no job was running'}; run the same command again to "
+              "resume", flush=True)
+        raise SystemExit(128 + signum)
+
+    handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while pending or running:
-            stop = failed and not keep_going
-            busy = {str(j.out) for j in pending} | {str(r[0].out) for r in running.values()} | \
-                   {str(j.out) for j in failed}
-            while not stop and pending and len(running) < n_parallel:
+        while (pending or busy()) and not signals:
+            stop_new = failed and not keep_going
+            taken = {str(j.out) for j in pending} | {str(w.job.out) for w in busy()} | {str(j.out) for j in failed}
+            while not stop_new and pending and len(busy()) < n_parallel:
                 ready = next((j for j in pending if all((ROOT / n).exists() for n in j.needs)
-                              and not busy.intersection(j.after)), None)
+                              and not taken.intersection(j.after)), None)
                 if ready is None:
                     break
                 pending.remove(ready)
                 start(ready)
-            if not running:
-                for j in pending if not stop else []:
+            if not busy():
+                for j in pending if not stop_new else []:
                     missing = next((n for n in j.needs if not (ROOT / n).exists()), None)
                     why = f"{missing} is missing" if missing else "its data preparation failed"
                     print(f"  skipped {j.kind} {j.out}: {why} (a failed run)")
                 break
-            reap()
-        for j in final:
+            for ended in reap():
+                report(*ended)
+        for j in final if not signals else []:
             missing = [n for n in j.needs if not (ROOT / n).exists()]
             if missing:
                 print(f"  skipped {j.kind}: {missing[0]} is missing")
             elif j.kind == "tables" or keep_going or not failed:
                 start(j)
-                while running:
-                    reap()
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        print("\ninterrupted: run the same command again to resume (each run continues from its last epoch)")
-        raise SystemExit(130)
-    pool.shutdown()
+                while busy() and not signals:
+                    for ended in reap():
+                        report(*ended)
+            if signals:
+                break
+        if signals:
+            stop()
+    finally:
+        for w in workers:
+            w.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return failed
 
 
@@ -868,7 +1059,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(PROFILES),
                    help="quick: synthetic miniature on CPU; cpu: the brain-MRI study on real data on a CPU "
-                        "(BRAIN_MRI_ROOT, under 2 hours on 2 cores); paper: the paper")
+                        "(BRAIN_MRI_ROOT, under 2 hours on 2 cores); cpu-options: the options against collapse "
+                        "on that setting; cpu-weights: the focal loss's class weights on it; paper: the paper")
     p.add_argument("tables", nargs="*",
                    help="paper mode: tables/figures to run (table1 ... table21, fig2, fig7 ... fig10; fig3, fig5 "
                         "and fig6 come with fig7); default all")
@@ -888,6 +1080,9 @@ def get_args(argv=None):
                    help="runs at a time (quick: 2, one CPU thread each, which uses a 2-core CPU better than one "
                         "run on two threads; paper: 1)")
     p.add_argument("--no-maps", action="store_true", help="skip the attention/feature maps")
+    p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT,
+                   help="on SIGTERM or Ctrl-C, seconds the running jobs get to save a checkpoint and stop before "
+                        "they are killed (a second signal kills them at once); default %(default)gs")
     p.add_argument("--runs", default=None, help="folder of the run folders (default runs/<mode>)")
     p.add_argument("--results", default=None, help="folder of the tables and figures (default results/<mode>)")
     for data, (env, flag, what) in DATA_ROOTS.items():
@@ -962,7 +1157,7 @@ def main(argv=None):
     n_parallel = 1 if args.verbose else args.jobs
     if n_parallel > 1:
         print(f"running up to {n_parallel} jobs at a time")
-    failed = execute(jobs, n_parallel, args.verbose, args.keep_going, t0)
+    failed = execute(jobs, n_parallel, args.verbose, args.keep_going, t0, args.stop_timeout)
     remaining = sum(1 for j in runs if not j.is_done())
     print(f"finished in {time.time() - t0:.0f}s; runs under {prof.runs}/, tables and figures under "
           f"{prof.results}/ ({prof.results / 'tables.md'})")

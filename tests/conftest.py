@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs whole sweeps of run_all.py (minutes); deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cass_cache(tmp_path_factory):
     """A per-session cache folder for generated data, exported to subprocesses."""

@@ -1,0 +1,58 @@
+"""run_all.py's command line with one more mode, `tiny`: a sweep of a few short runs on the synthetic
+data, for the tests of how run_all stops (test_run_all_signals.py).
+
+    python tests/tiny_sweep.py tiny --runs R --results S [any run_all.py flag]
+
+The plan: the data job, one CASS pretraining (ResNet-18 + ViT-Ti/16 at 32 px, 64 images), then two
+fine-tunings of ResNet-18 on 5% of the labels, one from the CASS CNN arm and one from random init
+(the latter runs beside the pretraining with --jobs 2), then the tables. Run as a script, this file
+is also the main module of run_all's spawned workers, so the mode exists there too (tables.py).
+
+TINY_STUBBORN=N puts N jobs first that ignore SIGTERM and sleep, as a run stuck in a long step."""
+
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import run_all as RA  # noqa: E402
+
+EPOCHS = 4
+TINY = replace(RA.QUICK, name="tiny", seeds=(0,), pretrain_seeds=1, seeds_by_data=(), epochs=EPOCHS, bs=16, jobs=2,
+               cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0"),
+               ft_args=("--img-size", "32", "--epochs", str(EPOCHS), "--bs", "32", "--patience", "0",
+                        "--workers", "0"))
+
+
+def tiny_study(prof) -> dict:
+    cass = RA.default_cass(prof, "synthetic")
+    cells = [RA.Cell("CASS (ResNet-18)", "5%", RA.Finetune("synthetic", prof.cnn, 0.05, cass, "cnn")),
+             RA.Cell("Supervised (ResNet-18)", "5%", RA.supervised(prof, "synthetic", prof.cnn, 0.05))]
+    return {"tiny": RA.TableDef("tiny", "Tiny sweep: test F1 (macro)", "synthetic", "f1_macro", "main", cells)}
+
+
+def stubborn_jobs(prof) -> list:
+    n = int(os.environ.get("TINY_STUBBORN", "0"))
+    return [RA.Job("finetune", prof.runs / f"stubborn{i}", ["tiny_sweep.py", "stubborn"], done=("never",))
+            for i in range(n)]
+
+
+if "tiny" not in RA.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
+    RA.PROFILES["tiny"] = TINY
+    _study, _plan = RA.study, RA.plan
+    RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)
+    RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
+
+
+def main(argv):
+    """The stubborn job."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("stubborn job: ignoring SIGTERM", flush=True)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    sys.exit(RA.main())
