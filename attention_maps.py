@@ -42,7 +42,7 @@ from torch import nn
 
 from common import UserError, atomic_save_figure, atomic_write_json, run_cli
 from datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform, load_data
-from models import create_backbone, head_prefixes, load_weights, read_state_dict
+from models import NORMS, apply_norm, create_backbone, head_prefixes, load_weights, norm_of_weights, read_state_dict
 
 # ---------------------------------------------------------------- extraction
 
@@ -153,8 +153,9 @@ def feature_maps(model: nn.Module, x: torch.Tensor, kind: str = "stages", k: int
 
 # ---------------------------------------------------------------- models and images
 
-def load_model(arch: str, weights, img_size: int) -> nn.Module:
-    """A timm model `arch` holding a weight file (its head size read from the file), in eval mode."""
+def load_model(arch: str, weights, img_size: int, norm: str = None) -> nn.Module:
+    """A timm model `arch` holding a weight file (its head size read from the file), in eval mode,
+    normalising its input as `norm` says (models.apply_norm; None: as the run that wrote the file)."""
     sd = read_state_dict(weights)
     probe = create_backbone(arch, "random", num_classes=1000, img_size=img_size)
     num_classes = 0
@@ -164,6 +165,7 @@ def load_model(arch: str, weights, img_size: int) -> nn.Module:
             num_classes = int(w.shape[0])
     model = create_backbone(arch, "random", num_classes=num_classes, img_size=img_size)
     load_weights(model, weights, flag=f"weights of {arch}")
+    apply_norm(model, norm or norm_of_weights(weights))
     return model.eval()
 
 
@@ -292,6 +294,9 @@ def get_args(argv=None):
     g.add_argument("--split-file", default=None)
     g.add_argument("--split-seed", type=int, default=77)
     g.add_argument("--img-size", type=int, default=384, help="input size the weights were trained at")
+    g.add_argument("--norm", choices=NORMS, default=None,
+                   help="input normalisation of the models (see finetune.py --norm); default: each weight file's "
+                        "own, from its run folder's config.json, else paper")
     g = p.add_argument_group("Transformer attention maps")
     g.add_argument("--arch", default=None, help="timm name of the Transformer (e.g. vit_base_patch16_384)")
     g.add_argument("--weights", default=None, help="its first weight file (e.g. supervised best.safetensors)")
@@ -332,7 +337,7 @@ def main(argv=None):
         labels = args.labels[:len(files)]
         singles, means, grids = [], [], []
         for f in files:
-            model = load_model(args.arch, f, args.img_size).to(device)
+            model = load_model(args.arch, f, args.img_size, args.norm).to(device)
             singles.append(cls_attention(model, single.to(device)).cpu()[0])  # (heads, gh, gw)
             m = batched(lambda x: cls_attention(model, x.to(device)).cpu().mean(1), many)  # (N, gh, gw)
             grids.append(m.mean(0).numpy())
@@ -353,7 +358,7 @@ def main(argv=None):
         labels = args.labels[:len(files)]
         fmaps = []
         for f in files:
-            model = load_model(args.cnn, f, args.img_size).to(device)
+            model = load_model(args.cnn, f, args.img_size, args.norm).to(device)
             fmaps.append([(n, a.cpu()) for n, a in feature_maps(model, single.to(device), args.feature_layers)])
         names = [n for n, _ in fmaps[0]]
         plot_features(fmaps, labels, out / "fig5_feature_map_stem.png",

@@ -42,7 +42,8 @@ from common import UserError
 from datasets import _strata, load_data, make_loader, write_skipped
 from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
 from losses import FocalLoss, class_weights
-from models import count_params, create_backbone, head_prefixes, load_weights, save_weights, sync_batchnorm, wrap_ddp
+from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, load_weights, norm_of_weights,
+                    save_weights, sync_batchnorm, wrap_ddp)
 from monitors import knn_probs  # (also the online k-NN monitor of the pretraining runs)
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
@@ -61,6 +62,10 @@ def get_args(argv=None):
                         "DINO backbone (backbone.safetensors), or any timm state dict of --arch; every "
                         "backbone tensor must fit, only the classification head is re-initialised. "
                         "Overrides --init (which may also be given a PATH)")
+    g.add_argument("--norm", choices=NORMS, default=None,
+                   help="input normalisation: paper (ImageNet mean/std) or model (the backbone's own weights' "
+                        "mean/std, see pretrain_cass.py --norm). Default: the --norm of the run that wrote "
+                        "--weights (its folder's config.json), else paper")
     g.add_argument("--label-frac", type=float, default=1.0,
                    help="fraction of the training split whose labels are used, in (0, 1] (paper: 0.01, "
                         "0.1, 1). Stratified by class (multi-label: by label combination), seeded by "
@@ -112,6 +117,8 @@ def get_args(argv=None):
         if args.weights and args.weights != args.init:
             raise UserError("--init PATH and --weights PATH both given; pass the weight file once (--weights)")
         args.weights, args.init = args.init, "random"
+    if args.norm is None:  # as the weights were pretrained
+        args.norm = norm_of_weights(args.weights) if args.weights else "paper"
     if args.t_max is None:
         args.t_max = args.epochs if args.sched_step == "epoch" else 16
     if args.out is None:
@@ -452,8 +459,10 @@ def main(argv=None):
 
     common.seed_everything(args.seed)
     model, fresh = build_model(args, C)
+    mean_std = apply_norm(model, args.norm)
     print(f"{args.arch} ({count_params(model) / 1e6:.1f}M parameters) from "
-          f"{args.weights or args.init}; re-initialised: {', '.join(fresh)}")
+          f"{args.weights or args.init}; re-initialised: {', '.join(fresh)}; normalisation "
+          f"{'ImageNet' if args.norm == 'paper' else mean_std} (--norm {args.norm})")
 
     # ---- output folder: written only now that the data and the start weights are known to be good
     with common.main_first():

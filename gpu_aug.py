@@ -320,11 +320,13 @@ DINO_UNIFORMS_PER_CROP = 54
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 
-def rrc_boxes(u40: torch.Tensor, h: int, w: int, scale) -> torch.Tensor:
+def rrc_boxes(u40: torch.Tensor, h, w, scale) -> torch.Tensor:
     """torchvision RandomResizedCrop.get_params, batched: 10 attempts of (area, log-ratio, top, left)
-    from u40 (N, 40); the first valid one, else the central fallback. Returns (N, 4) = top, left,
-    height, width (integers, float64)."""
+    from u40 (N, 40); the first valid one, else the central fallback. h, w: the image size, as ints
+    or as (N,) tensors (one source size per crop). Returns (N, 4) = top, left, height, width
+    (integers, float64)."""
     u = u40.view(-1, 10, 4)
+    h, w = (torch.as_tensor(v, dtype=u.dtype, device=u.device).reshape(-1, 1) for v in (h, w))
     area = h * w
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     ratio = torch.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * u[..., 1])
@@ -337,16 +339,13 @@ def rrc_boxes(u40: torch.Tensor, h: int, w: int, scale) -> torch.Tensor:
     pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
     top, left, hh, ww = pick(ci), pick(cj), pick(ch), pick(cw)
     # fallback: the whole image, or a central crop of the extreme ratio
+    h, w = h.squeeze(1), w.squeeze(1)
     in_ratio = w / h
-    if in_ratio < 3 / 4:
-        fw, fh = w, int(round(w / (3 / 4)))
-    elif in_ratio > 4 / 3:
-        fw, fh = int(round(h * (4 / 3))), h
-    else:
-        fw, fh = w, h
+    fw = torch.where(in_ratio > 4 / 3, torch.round(h * (4 / 3)), w)
+    fh = torch.where(in_ratio < 3 / 4, torch.round(w / (3 / 4)), h)
     any_ok = ok.any(1)
-    fb = ((h - fh) // 2, (w - fw) // 2, fh, fw)
-    return torch.stack([torch.where(any_ok, t, float(f)) for t, f in zip((top, left, hh, ww), fb)], 1)
+    fb = (torch.div(h - fh, 2, rounding_mode="floor"), torch.div(w - fw, 2, rounding_mode="floor"), fh, fw)
+    return torch.stack([torch.where(any_ok, t, f) for t, f in zip((top, left, hh, ww), fb)], 1)
 
 
 def dino_crop_params(u: torch.Tensor, h: int, w: int, scale, blur_p, solar_p) -> dict:
@@ -363,8 +362,12 @@ def dino_crop_params(u: torch.Tensor, h: int, w: int, scale, blur_p, solar_p) ->
 
 class DinoGpuMultiCrop(Normalize):
     """datasets.DinoMultiCrop on a batch: __call__(uint8 images (B, H, W, 3), uniforms (B, (2 + n_local)
-    * 54)) -> list of 2 + n_local float tensors (B, 3, size, size), crop-major like the CPU path's
-    collated lists (global 1, global 2, local 1, ...)."""
+    * 54), then optionally each image's source (height, width)) -> list of 2 + n_local float tensors
+    (B, 3, size, size), crop-major like the CPU path's collated lists (global 1, global 2, local 1, ...).
+    With source sizes (the decoded cache's, see UInt8Dataset) the crop boxes are drawn in the source
+    geometry and mapped onto the stretched square, as datasets.SourceCrop does."""
+
+    wants_source_size = True
 
     def __init__(self, global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0),
                  local_scale=(0.05, 0.4), mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -373,15 +376,18 @@ class DinoGpuMultiCrop(Normalize):
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.n_uniforms = (2 + n_local) * DINO_UNIFORMS_PER_CROP
 
-    def _kind(self, x, u, crops, size, scale, blur_p, solar_p):
+    def _kind(self, x, u, src, crops, size, scale, blur_p, solar_p):
         from torchvision.ops import roi_align
         B, _, h, w = x.shape
         k = DINO_UNIFORMS_PER_CROP
         uu = torch.cat([u[:, c * k:(c + 1) * k] for c in crops])  # crop-major
         n = len(crops)
         full = lambda ps: torch.cat([torch.full((B,), float(p), dtype=uu.dtype, device=uu.device) for p in ps])  # noqa: E731
-        P = dino_crop_params(uu, h, w, scale, full(blur_p), full(solar_p))
+        h0, w0 = (src[:, 0].repeat(n), src[:, 1].repeat(n)) if src is not None else (h, w)
+        P = dino_crop_params(uu, h0, w0, scale, full(blur_p), full(solar_p))
         top, left, ch, cw = P["box"].unbind(1)
+        if src is not None:  # the box drawn on the source, onto the stretched square
+            top, ch, left, cw = top * (h / h0), ch * (h / h0), left * (w / w0), cw * (w / w0)
         idx = torch.arange(B, device=x.device, dtype=torch.float64).repeat(n)
         boxes = torch.stack([idx, left, top, left + cw, top + ch], 1).to(x.dtype)
         y = roi_align(x, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True).clamp_(0, 1)
@@ -400,9 +406,10 @@ class DinoGpuMultiCrop(Normalize):
     def __call__(self, imgs, u):
         x = to_float(imgs)
         u = u.to(x.device)
-        out = self._kind(x, u, [0, 1], self.global_size, self.global_scale, [1.0, 0.1], [0.0, 0.2])
+        src = u[:, self.n_uniforms:] if u.shape[1] == self.n_uniforms + 2 else None
+        out = self._kind(x, u, src, [0, 1], self.global_size, self.global_scale, [1.0, 0.1], [0.0, 0.2])
         if self.n_local:
-            out += self._kind(x, u, list(range(2, 2 + self.n_local)), self.local_size, self.local_scale,
+            out += self._kind(x, u, src, list(range(2, 2 + self.n_local)), self.local_size, self.local_scale,
                               [0.5] * self.n_local, [0.0] * self.n_local)
         return out
 
@@ -412,7 +419,9 @@ class DinoGpuMultiCrop(Normalize):
 class UInt8Dataset(torch.utils.data.Dataset):
     """Rows of an array-backed table (the decoded cache, synthetic, medmnist) as
     ((uint8 H x W x C tensor, k uniforms), label, row): no decoding, no ToTensor. With EpochSampler's
-    (epoch_seed, i) keys the uniforms come from datasets.item_seed(epoch_seed, row)."""
+    (epoch_seed, i) keys the uniforms come from datasets.item_seed(epoch_seed, row). For a transform
+    with wants_source_size (DINO's crops) and a decoded cache, the row's source (height, width)
+    follows the k uniforms."""
 
     def __init__(self, table, rows, device_transform):
         if table.array is None:
@@ -422,6 +431,8 @@ class UInt8Dataset(torch.utils.data.Dataset):
             self.device_transform, self.k = None, device_transform
         else:  # what batch_to_device applies to this dataset's batches
             self.device_transform, self.k = device_transform, device_transform.n_uniforms
+        wants = getattr(self.device_transform, "wants_source_size", False)
+        self.source_sizes = table.extra.get("source_sizes") if wants else None
 
     def __len__(self):
         return len(self.rows)
@@ -436,6 +447,8 @@ class UInt8Dataset(torch.utils.data.Dataset):
             u = torch.rand(self.k, dtype=torch.float64)
         else:
             u = uniforms(item_seed(epoch_seed, row), self.k)
+        if self.source_sizes is not None:
+            u = torch.cat([u, torch.as_tensor(self.source_sizes[row], dtype=torch.float64)])
         return (img, u), torch.as_tensor(self.table.labels[row]), row
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from common import UserError, atomic_save_safetensors, load_error_reason
@@ -129,6 +130,55 @@ def save_weights(model: nn.Module, path):
     """Atomically save the state dict as safetensors (never a pickled module)."""
     model = getattr(model, "module", model)
     atomic_save_safetensors(path, model.state_dict())
+
+
+NORMS = ("paper", "model")
+
+
+def model_mean_std(model: nn.Module) -> tuple:
+    """The input normalisation the model's timm weights were trained with (its pretrained_cfg),
+    ImageNet's when the model does not say."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
+def apply_norm(model: nn.Module, norm: str):
+    """--norm: 'paper' feeds every model the ImageNet-normalised input (the paper's and the data
+    pipelines'); 'model' gives `model` its own weights' normalisation (e.g. mean = std = 0.5 for
+    timm's augreg ViTs). Then a forward pre-hook on the model's input convolution (the stem, or a
+    ViT's patch embedding: every entry point, forward or forward_features, passes it) turns the
+    ImageNet-normalised input x into (x * std_in + mean_in - mean) / std per channel, i.e. the same
+    [0, 1] view normalised with the model's (mean, std), within float rounding; no hook when those
+    are ImageNet's. The hook is not part of the weights: a script that loads them applies it again
+    (finetune.py and attention_maps.py read --norm from the weights' run folder). Returns the
+    (mean, std) the model sees."""
+    if norm not in NORMS:
+        raise UserError(f"--norm {norm}: choose one of {', '.join(NORMS)}")
+    mean_in, std_in = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    mean, std = model_mean_std(model) if norm == "model" else (mean_in, std_in)
+    if (mean, std) == (mean_in, std_in):
+        return mean, std
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    if stem is None:
+        raise UserError(f"--norm model: {type(model).__name__} has no 3-channel input convolution to normalise for")
+    scale = (torch.tensor(std_in) / torch.tensor(std)).view(1, 3, 1, 1)
+    shift = ((torch.tensor(mean_in) - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)
+
+    def renormalise(module, args):
+        x = args[0]
+        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype),) + tuple(args[1:])
+    stem.register_forward_pre_hook(renormalise)
+    return mean, std
+
+
+def norm_of_weights(path) -> str:
+    """The --norm of the run that wrote weight file `path` (its folder's config.json), else 'paper'."""
+    import json
+    cfg = Path(path).expanduser().parent / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("norm", "paper")
+    except (OSError, ValueError, AttributeError):
+        return "paper"
 
 
 def count_params(model: nn.Module) -> int:

@@ -98,14 +98,13 @@ class Monitor:
     loading. Nothing here draws from the global random streams or changes a model's state: training
     continues exactly as it would without the monitor."""
 
-    def __init__(self, table, split, img_size, device, n_bank=512, n_val=256, k=20, seed=0, bs=128,
-                 mean=None, std=None):
-        from datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform
+    def __init__(self, table, split, img_size, device, n_bank=512, n_val=256, k=20, seed=0, bs=128):
+        from datasets import ImageDataset, eval_transform
         rng = np.random.default_rng(seed)
         train, val = np.asarray(split["train"]), np.asarray(split.get("val", []))
         bank = np.sort(rng.permutation(train)[:n_bank])
         val = np.sort(rng.permutation(val)[:n_val]) if len(val) else bank  # no validation split: the bank itself
-        tf = eval_transform(img_size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+        tf = eval_transform(img_size)  # ImageNet-normalised, as training's view (--norm model: the models' hooks)
         self.device, self.bs, self.k = device, bs, k
         self.multilabel, self.num_classes = table.multilabel, len(table.class_names)
         self.x, self.y = {}, {}

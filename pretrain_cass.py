@@ -26,7 +26,8 @@ from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, 
 from datasets import load_data, make_loader, write_skipped
 from gpu_aug import cass_pipeline, use_gpu_aug
 from losses import CASSLoss
-from models import CassArm, MLPHead, count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
+                    wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
@@ -66,6 +67,11 @@ def get_args(argv=None):
     g.add_argument("--no-guard", dest="guard", action="store_false",
                    help="disable the collapse guard of Algorithm 1 (noise added when both arms' outputs "
                         "are identical; it never fires otherwise)")
+    g.add_argument("--norm", choices=NORMS, default="paper",
+                   help="input normalisation of each arm: paper (both ImageNet mean/std, as the paper) or model "
+                        "(each backbone its own weights' mean/std, applied to the same augmented view; e.g. 0.5 / "
+                        "0.5 for timm's vit_base_patch16_384, which then sees inputs about 2.2x smaller than with "
+                        "paper). Recorded in config.json; finetune.py and attention_maps.py follow it")
     g.add_argument("--compile", action="store_true", help="torch.compile both arms (CUDA; slow first epoch)")
     o = p.add_argument_group("beyond the paper: options against collapse (all off by default; README 'Options "
                              "against collapse')")
@@ -166,6 +172,7 @@ def main(argv=None):
             pred = MLPHead(d, args.pred_hidden, d) if args.predictor else None
             arms[name] = sync_batchnorm(CassArm(m, proj, pred), device).to(device)
         cnn, vit = arms["cnn"].backbone, arms["vit"].backbone  # (sync_batchnorm may have rebuilt them)
+    norms = {"cnn": apply_norm(cnn, args.norm), "vit": apply_norm(vit, args.norm)}  # each arm's (mean, std)
     if device.type == "cuda":
         cnn = cnn.to(memory_format=torch.channels_last)
     arm_cnn, arm_vit = arms.get("cnn", cnn), arms.get("vit", vit)
@@ -211,7 +218,8 @@ def main(argv=None):
           f"({count_params(vit) / 1e6:.1f}M, from {vit_init}), "
           f"{len(rows)} training images of {args.data}, {steps_per_epoch} steps/epoch, "
           f"{args.epochs} epochs on {device}{f' x {world_size()} processes' if world_size() > 1 else ''}, "
-          f"{'device' if gpu else 'CPU'} augmentation, output {out}")
+          f"{'device' if gpu else 'CPU'} augmentation, "
+          f"{'ImageNet normalisation' if args.norm == 'paper' else f'normalisation per arm {norms}'}, output {out}")
 
     t_run = time.perf_counter()
     signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()

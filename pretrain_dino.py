@@ -4,8 +4,11 @@ A student and a teacher of the same architecture (the teacher an exponential mov
 the student) see different crops of each training image: the teacher only the two global crops,
 the student all crops, and the student learns to match the teacher's centred, sharpened softmax
 output (Caron et al., 2021). Defaults follow the official implementation (facebookresearch/dino,
-main_dino.py), as the paper says its DINO runs did: multi-crop 2 x 224 px + 8 x 96 px, a projection
-head of 65536 outputs, AdamW at 5e-4 x batch / 256 with 10 warm-up epochs and cosine decay, weight
+main_dino.py), as the paper says its DINO runs did, with one exception that keeps the comparison with
+CASS fair: the global crops are 384 px, the size CASS pretrains at and finetune.py fine-tunes at
+(official: 224; --img-size 224 gives it). Multi-crop 2 x 384 px + 8 x 96 px, cut in each image's own
+aspect ratio (also from the square decoded cache, see datasets.SourceCrop), a projection head of 65536
+outputs, AdamW at 5e-4 x batch / 256 with 10 warm-up epochs and cosine decay, weight
 decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperature 0.04, centre momentum 0.9,
 last layer frozen for the first epoch, per-parameter gradient clipping at 3.0. Batch 16 and 100
 epochs from ImageNet weights are the paper's settings.
@@ -40,13 +43,13 @@ from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, 
 from datasets import dino_cache_size, load_data, load_table, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
-from models import count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from models import NORMS, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, bs=16, epochs=100, img_size=224, init="imagenet")
+    add_common_args(p, bs=16, epochs=100, img_size=384, init="imagenet")
     g = p.add_argument_group("DINO model")
     g.add_argument("--arch", default="resnet50",
                    help="timm name of the backbone: resnet50 and vit_base_patch16_384 in the paper, any timm "
@@ -62,10 +65,15 @@ def get_args(argv=None):
     g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="freeze the norm of the weight-normalised last layer (official default: on; off can "
                         "work better for ViTs but makes training less stable)")
+    g.add_argument("--norm", choices=NORMS, default="paper",
+                   help="input normalisation: paper (ImageNet mean/std, as the paper) or model (the backbone's own "
+                        "weights' mean/std, e.g. 0.5 / 0.5 for timm's vit_base_patch16_384). Recorded in "
+                        "config.json; finetune.py and attention_maps.py follow it")
     g.add_argument("--drop-path-rate", type=float, default=None,
                    help="stochastic depth of the STUDENT backbone (the teacher has none); default 0.1 for "
                         "Transformers (official), 0 for CNNs")
-    g = p.add_argument_group("DINO multi-crop (global crops are --img-size px)")
+    g = p.add_argument_group("DINO multi-crop (global crops are --img-size px: 384 by default, the size CASS "
+                             "pretrains and finetune.py fine-tunes at; official DINO: 224)")
     g.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
                    help="area fraction of the global crops (official: 0.4 1; its ResNet-50 recipe: 0.14 1)")
     g.add_argument("--local-crops", type=int, default=8,
@@ -369,6 +377,7 @@ def main(argv=None):
     seed_everything(args.seed)
     student, teacher, dpr = build_models(args, device)
     student, teacher = sync_batchnorm(student, device), sync_batchnorm(teacher, device)  # torchrun: global statistics
+    mean_std = [apply_norm(net.backbone, args.norm) for net in (student, teacher)][0]  # --norm model: its own
     if device.type == "cuda" and is_cnn_input(student):
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     ncrops = 2 + args.local_crops
@@ -415,7 +424,7 @@ def main(argv=None):
           f"{args.data}, 2 x {args.img_size} px + {args.local_crops} x {args.local_size} px crops, "
           f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}, {args.epochs} epochs on {device}"
           f"{f' x {world_size()} processes' if world_size() > 1 else ''}, {'device' if gpu else 'CPU'} augmentation, "
-          f"output {out}")
+          f"normalisation {'ImageNet' if args.norm == 'paper' else mean_std}, output {out}")
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)

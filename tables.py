@@ -81,6 +81,8 @@ def finetune_key(cfg: dict, bases):
     frac = round(float(cfg["label_frac"]), 6)
     ev = cfg.get("eval", "finetune")
     probe = (ev,) if ev != "finetune" else ()
+    cw = cfg.get("class_weights", "minmax")
+    probe += (("class_weights", cw),) if cw != "minmax" else ()
     w = cfg.get("weights")
     if not w:
         return (cfg["data"], cfg["arch"], frac, ("supervised", str(cfg.get("init", "imagenet"))), None) + probe
@@ -217,27 +219,34 @@ def build_cells_table(td, runs: Runs, quick: bool):
     grid = {(c.row, c.col): c for c in td.cells}
     header = ["Method (backbone)" if td.kind == "main" else "Setting"]
     with_paper = quick or any(c.paper is not None for c in td.cells)  # (the paper has no such table: ours only)
+    micro = td.metric == "f1_macro"  # macro F1 is the headline; micro F1 (the authors' code's) beside it
     for col in cols:
-        header += [f"{col} ours", f"{col} paper"] if with_paper else [f"{col} ours"]
+        header += ([f"{col} macro F1 ours", f"{col} micro F1 ours"] if micro else [f"{col} ours"]) + \
+            ([f"{col} paper ({'F1' if micro else 'as printed'})"] if with_paper else [])
+    width = 1 + micro + with_paper
     md_rows, csv_rows, filled = [], [], 0
     for r in rows:
         line = [r]
         for col in cols:
             c = grid.get((r, col))
             if c is None:
-                line += ["", ""] if with_paper else [""]
+                line += [""] * width
                 continue
             stat, unfinished = runs.cell(c.ft, td.metric)
+            micro_stat = runs.cell(c.ft, "f1_micro")[0] if micro else None
             filled += stat is not None
-            line += [fmt_stat(stat, unfinished)] + ([fmt_paper(c.paper, quick)] if with_paper else [])
+            line += [fmt_stat(stat, unfinished)] + ([fmt_stat(micro_stat, unfinished)] if micro else []) + \
+                ([fmt_paper(c.paper, quick)] if with_paper else [])
             mean, std, n = stat if stat else (None, None, 0)
+            micro_mean, micro_std, _ = micro_stat if micro_stat else (None, None, 0)
             csv_rows.append([td.name, td.data, td.metric, r, col, c.ft.method, c.ft.arch, c.ft.frac,
-                             _num(mean), _num(std), n, unfinished,
+                             _num(mean), _num(std), n, unfinished, _num(micro_mean), _num(micro_std),
                              "" if quick or c.paper is None else _num(c.paper[0]),
                              "" if quick or c.paper is None else _num(c.paper[1])])
         md_rows.append(line)
     csv_header = ["table", "data", "metric", "row", "column", "method", "arch", "label_frac", "ours_mean",
-                  "ours_std", "ours_n", "ours_unfinished", "paper_mean", "paper_spread"]
+                  "ours_std", "ours_n", "ours_unfinished", "ours_f1_micro_mean", "ours_f1_micro_std", "paper_mean",
+                  "paper_spread"]
     return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
 
 
@@ -432,6 +441,16 @@ def build_options_table(td, runs: Runs):
     return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
 
 
+def titled(td) -> str:
+    """A table's title with the name of its metric: 'F1' alone always reads 'F1 (macro)'."""
+    label = PR.METRIC_LABEL.get(td.metric)
+    if not label or label in td.title or td.kind in ("time", "figure2", "options"):
+        return td.title
+    if "test F1" in td.title and label.startswith("F1"):
+        return td.title.replace("test F1", f"test {label}")
+    return td.title if "accuracy" in td.title and "accuracy" in label else f"{td.title}: test {label}"
+
+
 def build_all(mode: str, runs_dir, out_dir, prof=None):
     """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
     prof = prof or RA.PROFILES[mode]
@@ -453,7 +472,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         else:
             md, cs, filled, total = build_cells_table(td, runs, quick)
         summary[name] = (filled, total)
-        head = f"## {name}: {td.title}\n\n"
+        head = f"## {name}: {titled(td)}\n\n"
         if td.kind == "options":
             head += ("Per option and arm: the monitors of the last pretraining epoch (monitors.py), frozen pooled "
                      "features with 100% of the labels (test accuracy: cosine 20-NN vote, logistic regression), "
@@ -462,6 +481,10 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         elif td.kind not in ("time", "figure2"):
             head += (f"Metric: {PR.METRIC_LABEL.get(td.metric, td.metric)} on the test split, mean ± sample std "
                      f"(ddof=1) over seeds, n = finished runs. ")
+            if td.metric == "f1_macro":
+                head += ("Micro F1 (what the authors' code computed) beside it; the paper says only \"F1\". Macro F1 "
+                         "weighs every class alike, so a model that ignores a rare class scores low; micro F1 equals "
+                         "accuracy on single-label data and follows the frequent classes. ")
             head += ("Paper column: n/a (the paper has no synthetic data).\n\n" if quick else
                      "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1).\n\n"
                      if any(c.paper is not None for c in td.cells) else "The paper reports no such evaluation.\n\n")

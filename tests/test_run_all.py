@@ -242,3 +242,22 @@ def test_option_keys_leave_the_paper_recipe_key_unchanged():
     keys = {RA.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", **kw).key()
             for _, kw in RA.CASS_OPTIONS}
     assert len(keys) == len(RA.CASS_OPTIONS) and base.key() in keys
+
+
+def test_cpu_weights_mode_adds_the_other_class_weights_beside_the_cpu_runs(tmp_path):
+    mri = tmp_path / "mri"
+    mri.mkdir()
+    proc = run_all("cpu-weights", "--dry-run", env_extra={"BRAIN_MRI_ROOT": str(mri)})
+    assert proc.returncode == 0, proc.stderr
+    assert "under runs/cpu/" in proc.stdout and "--out results/cpu/class_weights" in proc.stdout
+    ft = [ln for ln in proc.stdout.splitlines() if "finetune.py" in ln]
+    assert len(ft) == 2 * 3 * 3  # backbones x weightings x seeds, at 10% labels
+    assert all("--label-frac 0.1 " in ln for ln in ft)
+    for cw in ("inverse", "none"):
+        mine = [ln for ln in ft if f"--class-weights {cw} " in ln]
+        assert len(mine) == 6 and all(f"supervised-random-cw{cw}/" in ln for ln in mine)
+    paper = [ln for ln in ft if "--class-weights" not in ln]  # min-max: the cpu mode's own runs and folders
+    assert len(paper) == 6 and all("/supervised-random/" in ln for ln in paper)
+    keys = {RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random", class_weights=cw).key()
+            for _, cw in RA.CLASS_WEIGHTS}
+    assert len(keys) == 3 and RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random").key() in keys

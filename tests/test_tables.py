@@ -47,7 +47,7 @@ def ft_config(data, arch, frac, seed, weights=None, init="random"):
 
 
 def metrics(f1, bacc=None):
-    return {"f1_macro": f1, "f1_micro": f1, "f1_weighted": f1, "balanced_accuracy": f1 if bacc is None else bacc,
+    return {"f1_macro": f1, "f1_micro": f1 + 0.01, "f1_weighted": f1, "balanced_accuracy": f1 if bacc is None else bacc,
             "best_epoch": 2}
 
 
@@ -94,13 +94,16 @@ def test_quick_tables_means_std_missing_and_paper_na(quick_runs, tmp_path):
     # two seeds: mean 0.6, sample std (ddof=1) of (0.5, 0.7) = 0.1414
     row = read_md_row(md, "Supervised (ResNet-18)")
     assert row[1] == "0.6000 ± 0.1414 (n=2)"
-    assert row[2] == "n/a"  # the paper has no synthetic data
-    assert row[3] == "— (no run)"  # supervised 100%: no run
+    assert row[2] == "0.6100 ± 0.1414 (n=2)"  # micro F1 beside the macro headline
+    assert row[3] == "n/a"  # the paper has no synthetic data
+    assert row[4] == "— (no run)"  # supervised 100%: no run
+    assert "| Method (backbone) | 10% macro F1 ours | 10% micro F1 ours | 10% paper (F1) |" in md
+    assert "test F1 (macro)" in md.splitlines()[0]
     # one seed: no std; the SGD variant (0.1) does not leak into the default CASS cell
     row = read_md_row(md, "CASS (ResNet-18)")
-    assert row[3] == "0.9000 (n=1)" and row[1] == "— (no run)"
+    assert row[4] == "0.9000 (n=1)" and row[5] == "0.9100 (n=1)" and row[1] == "— (no run)"
     # a run folder without metrics.json is counted as unfinished
-    assert read_md_row(md, "CASS (ViT-Ti/16)")[3] == "— (1 unfinished)"
+    assert read_md_row(md, "CASS (ViT-Ti/16)")[4] == "— (1 unfinished)"
     assert read_md_row(md, "DINO (ResNet-18)")[1] == "— (no run)"
     assert summary["quick_synthetic"] == (2, 12)
     assert summary["quick_synthetic_multilabel"] == (0, 12)
@@ -109,6 +112,7 @@ def test_quick_tables_means_std_missing_and_paper_na(quick_runs, tmp_path):
     sup = next(r for r in rows if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%")
     assert float(sup["ours_mean"]) == pytest.approx(0.6) and float(sup["ours_std"]) == pytest.approx(math.sqrt(0.02))
     assert sup["ours_n"] == "2" and sup["paper_mean"] == ""
+    assert float(sup["ours_f1_micro_mean"]) == pytest.approx(0.61)
     all_md = (out / "tables.md").read_text()
     assert "do NOT reproduce the paper" in all_md and "quick_synthetic_multilabel" in all_md
 
@@ -156,15 +160,16 @@ def test_paper_tables_show_paper_numbers_and_match_runs(tmp_path):
 
     t1 = (out / "table1.md").read_text()
     row = read_md_row(t1, "CASS (ViT-B/16)")
-    assert row[3] == "0.8700 ± 0.0100 (n=3)"
-    assert row[4] == "0.8894 ± 0.005"  # the paper's number beside ours
-    assert read_md_row(t1, "DINO (ResNet-50)")[2] == "0.8237 ± 0.001"
-    assert read_md_row(t1, "Supervised (ResNet-50)")[3] == "0.8400 (n=1)"
-    assert "10% ours" in t1 and "100% paper" in t1
+    assert row[4] == "0.8700 ± 0.0100 (n=3)" and row[5] == "0.8800 ± 0.0100 (n=3)"  # macro, then micro
+    assert row[6] == "0.8894 ± 0.005"  # the paper's number beside ours
+    assert read_md_row(t1, "DINO (ResNet-50)")[3] == "0.8237 ± 0.001"
+    assert read_md_row(t1, "Supervised (ResNet-50)")[4] == "0.8400 (n=1)"
+    assert "10% macro F1 ours" in t1 and "100% paper (F1)" in t1 and "test F1 (macro)" in t1.splitlines()[0]
     # ablations: the SGD run lands in Table 10's SGD row only; Table 9's default row is the main run
     t10 = (out / "table10.md").read_text()
-    assert read_md_row(t10, "SGD")[1] == "0.8000 (n=1)" and read_md_row(t10, "SGD")[2] == "0.8648 ± 0.0005"
-    assert read_md_row(t10, "Adam")[1] == "— (no run)" and read_md_row(t10, "Adam")[3] == "0.8700 ± 0.0100 (n=3)"
+    assert read_md_row(t10, "SGD")[1] == "0.8000 (n=1)" and read_md_row(t10, "SGD")[3] == "0.8648 ± 0.0005"
+    assert read_md_row(t10, "Adam")[1] == "— (no run)" and read_md_row(t10, "Adam")[4] == "0.8700 ± 0.0100 (n=3)"
+    assert t10.splitlines()[0].endswith(": test F1 (macro)")
     assert read_md_row((out / "table13.md").read_text(), "ResNet-50")[1] == "0.8400 (n=1)"
     # ISIC 2019 uses balanced accuracy
     t5 = (out / "table5.md").read_text()
@@ -259,7 +264,7 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
     tables.build_all("cpu", runs, out)
     main = (out / "cpu_brain_mri.md").read_text()
     row = read_md_row(main, "CASS (ResNet-18)")
-    assert row[5] == "0.8000 (n=1)" and row[6] == "0.9909 ± 0.0032"  # ours beside the paper's Table 4
+    assert row[7] == "0.8000 (n=1)" and row[9] == "0.9909 ± 0.0032"  # ours beside the paper's Table 4
     frozen = (out / "cpu_frozen.md").read_text()
     assert read_md_row(frozen, "CASS (ResNet-18)")[1:] == ["0.5500 (n=1)", "— (no run)"]
     assert read_md_row(frozen, "Random init (ResNet-18)")[1:] == ["— (no run)", "0.6500 (n=1)"]
@@ -298,3 +303,20 @@ def test_options_table_reads_option_runs_by_their_flags(tmp_path):
     assert cells[8] == "0.6000 ± 0.1414 (n=2)" and cells[9] == "1 min 50 s" and cells[10] == "none"
     paper = next(ln for ln in md.splitlines() if ln.startswith("| Paper recipe"))
     assert "— (no run)" in paper  # the predictor's runs never land in the paper recipe's row
+
+
+def test_class_weight_runs_land_in_their_own_rows(tmp_path):
+    runs = tmp_path / "runs" / "cpu"
+    ft = runs / "brain-mri" / "finetune"
+    for cw, f1 in (("minmax", 0.5), ("inverse", 0.6), ("none", 0.7)):
+        write_run(ft / cw, {**ft_config("brain-mri", "resnet18", 0.1, 0, init="random"), "class_weights": cw},
+                  metrics(f1))
+    out = tmp_path / "results"
+    tables.build_all("cpu-weights", runs, out)
+    md = (out / "cpu_class_weights.md").read_text()
+    for row, want in (("min-max (paper)", "0.5000"), ("inverse frequency", "0.6000"), ("none", "0.7000")):
+        assert read_md_row(md, f"ResNet-18, {row}")[1] == f"{want} (n=1)", row  # the 10% macro F1 column
+    assert "balanced accuracy" in (out / "cpu_class_weights_bacc.md").read_text()
+    main = tables.Runs(runs)  # and the cpu mode's own table sees only the min-max run
+    stat, _ = main.cell(RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random"), "f1_macro")
+    assert stat[0] == pytest.approx(0.5) and stat[2] == 1
