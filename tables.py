@@ -354,15 +354,26 @@ def _f(x, digits=3):
         return DASH
 
 
-def build_monitor_table(runs: Runs, out_dir: Path):
-    """The label-free monitors (monitors.py) of every pretraining run found: first and last epoch per
-    arm, the epoch of the collapse warning, and each run's monitors.png copied to figures/monitors/.
-    Returns (markdown, csv, number of runs)."""
+def study_sources(tables: dict) -> set:
+    """Keys of the pretraining settings a mode's tables use (their cells' sources, the timed runs)."""
+    keys = set()
+    for td in tables.values():
+        keys |= {c.ft.source.key() for c in td.cells if c.ft.source is not None}
+        keys |= {s.key() for src in td.sources for s in src if hasattr(s, "key")}
+    return keys
+
+
+def build_monitor_table(runs: Runs, out_dir: Path, keys=None):
+    """The label-free monitors (monitors.py) of every pretraining run found (of the settings `keys`
+    only, when given): first and last epoch per arm, the epoch of the collapse warning, and each run's
+    monitors.png copied to figures/monitors/. Returns (markdown, csv, number of runs)."""
     header = ["Run", "Arm", "Epochs", "Loss (epoch 1 → last)", "Output spread / even (epoch 1 → last)",
               "Feature spread / even (init → last)", "Effective rank (init → epoch 1 → last)",
               "Online 20-NN accuracy (init → epoch 1 → last)", "Collapse warning"]
     md_rows, csv_rows, figures = [], [], []
     for key, dirs in sorted(runs.pretrain.items(), key=lambda kv: str(kv[0])):
+        if keys is not None and key not in keys:
+            continue
         for d in dirs:
             rows = _read_log(d / "log.csv")
             if not rows or not any(k.endswith("_rank") for k in rows[0]):
@@ -459,7 +470,8 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
     runs = Runs(runs_dir)
     arch_names = {"cnn": RA.label(prof.cnn), "vit": RA.label(prof.vit)}
     sections, summary = [], {}
-    for name, td in RA.study(prof).items():
+    study = RA.study(prof)
+    for name, td in study.items():
         if td.kind == "maps":
             continue
         if td.kind == "time":
@@ -499,7 +511,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         atomic_write_text(out_dir / f"{name}.md", "#" + section.lstrip("#"))
         atomic_write_text(out_dir / f"{name}.csv", cs)
         sections.append(section)
-    md, cs, n_mon = build_monitor_table(runs, out_dir)
+    md, cs, n_mon = build_monitor_table(runs, out_dir, study_sources(study))
     if n_mon:
         section = ("## monitors: label-free monitors of the pretraining runs\n\n"
                    "Per epoch in each run's log.csv (monitors.py): the spread of the L2-normalised outputs the loss "

@@ -254,6 +254,9 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
                      files=("cnn.safetensors", "vit.safetensors"))
     (cass / "log.csv").write_text(log)
     (cass / "monitors_init.json").write_text(json.dumps({"cnn_rank": 13.5, "cnn_knn": 0.574, "cnn_feat_std_frac": 0.08}))
+    option = write_run(mri / "cass" / "option", cass_config("brain-mri", bs=16, epochs=3, img_size=64, predictor=True),
+                       files=("cnn.safetensors", "vit.safetensors"))  # cpu-options' run in the same folder
+    (option / "log.csv").write_text(log)
     w = str(cass / "cnn.safetensors")
     write_run(mri / "ft" / "ft", ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), metrics(0.8))
     write_run(mri / "ft" / "knn", {**ft_config("brain-mri", "resnet18", 1.0, 0, weights=w), "eval": "knn"},
@@ -271,6 +274,7 @@ def test_cpu_tables_probes_and_monitors(tmp_path):
     assert "paper" not in frozen.split("\n|")[1]  # no paper columns: the paper has no probes
     assert read_md_row((out / "cpu_frozen_f1.md").read_text(), "CASS (ResNet-18)")[1] == "0.5000 (n=1)"
     mon = (out / "monitors.md").read_text()
+    assert "cass c" in mon and "cass option" not in mon  # only the runs of this mode's tables
     cnn = next(ln for ln in mon.splitlines() if "| cnn |" in ln)
     assert "0.3000 → 0.0030" in cnn and "13.5 → 60.5 → 38.0" in cnn and "0.574 → 0.610 → 0.540" in cnn
     assert "0.080 → 0.200" in cnn and "epoch 2 (cnn+vit)" in cnn and "0.02 → 5e-05" in cnn
