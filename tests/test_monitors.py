@@ -106,7 +106,7 @@ class FakeTable:
         rng = np.random.default_rng(0)
         self.array = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
         self.labels = np.arange(n) % 2
-        self.paths = None
+        self.paths, self.extra = None, {}
 
 
 def test_monitor_of_a_constant_backbone_reads_collapse():
