@@ -26,7 +26,7 @@ presence vector. The types:
     macrophage_like   large irregular cells with a foamy cytoplasm and a kidney-shaped nucleus
     fibroblast_like   aligned spindle cells (as spindle_like)
 
-Half of the single-label images also hold a few scattered cells of one other class, as real tissue
+A fifth of the single-label images also hold a few scattered cells of one other class, as real tissue
 is mixed: the label is the dominant cell type and its arrangement, not the mere presence of a cell.
 
 In both variants every image also holds generic distractor cells (medium round cells and red blood
@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 
 SINGLE_LABEL_CLASSES = ("lymphocyte_like", "neutrophil_like", "spindle_like", "epithelial_cluster_like",
                         "giant_cell_like", "signet_ring_like")
@@ -58,9 +58,16 @@ MULTI_LABEL_CLASSES = ("t_cell_like", "plasma_cell_like", "neutrophil_like", "ma
                        "fibroblast_like")
 MULTI_LABEL_PRESENCE = (0.6, 0.4, 0.3, 0.2, 0.15)
 
-# Lengths below are in pixels of a 96 px image and scaled by size / 96: the field of view is fixed
-# and a smaller image is the same scene at a lower resolution.
-REFERENCE_SIZE = 96
+# Lengths below are in pixels of a 64 px image and scaled by size / 64: the field of view is fixed
+# and a smaller image is the same scene at a lower resolution. Version 2 narrowed the field of view
+# 1.5 times (version 1 drew the same lengths on a 96 px reference, so cells were 1-3 px at 32 px),
+# and drew fewer distractor cells, less stroma, less blur and fewer contaminating cells: chosen by
+# measurement (README, quick mode) so that small backbones from random init learn the task within
+# a few CPU minutes, while nuisances still vary alike in every class.
+REFERENCE_SIZE = 64
+MINOR_PROBABILITY = 0.2  # single-label images that also hold a few cells of one other class
+STROMA_STRENGTH = (0.05, 0.25)  # range of the stroma's eosin density
+BLUR_SIGMA = (0.2, 0.6)  # range of the Gaussian blur, reference px
 
 # Stain optical-density directions (R, G, B) of haematoxylin and eosin.
 _HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
@@ -216,16 +223,16 @@ class _CellType(NamedTuple):
 
 
 _CELL_TYPES = {
-    "lymphocyte_like": _CellType(_lymphocyte, 4.0, 6, (18, 40), "scatter", (2, 6)),
-    "neutrophil_like": _CellType(_neutrophil, 6.5, 10, (7, 14), "scatter", (1, 2)),
-    "spindle_like": _CellType(_spindle, 4.0, 17, (10, 20), "aligned", (1, 3)),
-    "epithelial_cluster_like": _CellType(_epithelial, 5.5, 9, (1, 3), "cluster", (1, 3)),
-    "giant_cell_like": _CellType(_giant, 19.0, 27, (1, 2), "scatter", (1, 1)),
-    "signet_ring_like": _CellType(_signet, 8.5, 12, (6, 11), "scatter", (1, 2)),
-    "plasma_cell_like": _CellType(_plasma, 6.0, 9, (6, 12), "scatter", (1, 2)),
-    "macrophage_like": _CellType(_macrophage, 11.0, 17, (2, 3), "scatter", (1, 1)),
-    "generic": _CellType(_generic, 5.5, 8, (2, 6), "scatter", (0, 0)),
-    "red_blood_cell": _CellType(_red_blood_cell, 3.5, 5, (0, 6), "scatter", (0, 0)),
+    "lymphocyte_like": _CellType(_lymphocyte, 4.0, 6, (8, 18), "scatter", (2, 6)),
+    "neutrophil_like": _CellType(_neutrophil, 6.5, 10, (3, 6), "scatter", (1, 2)),
+    "spindle_like": _CellType(_spindle, 4.0, 17, (4, 9), "aligned", (1, 3)),
+    "epithelial_cluster_like": _CellType(_epithelial, 5.5, 9, (1, 1), "cluster", (1, 3)),
+    "giant_cell_like": _CellType(_giant, 19.0, 27, (1, 1), "scatter", (1, 1)),
+    "signet_ring_like": _CellType(_signet, 8.5, 12, (3, 5), "scatter", (1, 2)),
+    "plasma_cell_like": _CellType(_plasma, 6.0, 9, (3, 5), "scatter", (1, 2)),
+    "macrophage_like": _CellType(_macrophage, 11.0, 17, (2, 2), "scatter", (1, 1)),
+    "generic": _CellType(_generic, 5.5, 8, (0, 1), "scatter", (0, 0)),
+    "red_blood_cell": _CellType(_red_blood_cell, 3.5, 5, (0, 1), "scatter", (0, 0)),
 }
 _ALIASES = {"t_cell_like": "lymphocyte_like", "fibroblast_like": "spindle_like"}
 
@@ -332,7 +339,7 @@ def _stroma(rng, size, k):
              + (grid[i + 1, j] * (1 - fu) + grid[i + 1, j + 1] * fu) * fv)
     fibres = np.clip(2.5 * (value - 0.4), 0.0, 1.0)
     patches = np.clip(2.0 * (_smooth_noise(rng, size, 5) - 0.25), 0.0, 1.0)
-    return rng.uniform(0.1, 0.5) * (0.15 + 0.85 * fibres) * (0.3 + 0.7 * patches)
+    return rng.uniform(*STROMA_STRENGTH) * (0.15 + 0.85 * fibres) * (0.3 + 0.7 * patches)
 
 
 def _stain_vector(rng, base, spread):
@@ -392,7 +399,7 @@ def render_image(rng: np.random.Generator, size: int, cell_types, minor_types=()
     eosin = cytoplasm * (1.0 - 0.6 * nucleus) + _stroma(rng, size, k) * (1.0 - footprint)
     rgb = _to_rgb(rng, nucleus * chromatin, eosin, size)
     image = Image.fromarray(np.clip(rgb * 255.0, 0, 255).astype(np.uint8))
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2) * k))
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*BLUR_SIGMA) * k))
     noisy = np.asarray(image, dtype=np.float64) + rng.normal(0, rng.uniform(1.0, 6.0), (size, size, 3))
     return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
@@ -438,7 +445,7 @@ def _generate(folder, multilabel, n_images, size, seed, progress):
             images[i] = render_image(rng, size, [class_names[j] for j in np.flatnonzero(labels[i])])
             continue
         others = [name for j, name in enumerate(class_names) if j != labels[i]]
-        minor = [others[rng.integers(len(others))]] if rng.random() < 0.5 else []
+        minor = [others[rng.integers(len(others))]] if rng.random() < MINOR_PROBABILITY else []
         images[i] = render_image(rng, size, [class_names[labels[i]]], minor)
     images.flush()
     del images

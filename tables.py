@@ -525,9 +525,10 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         sections.append(section)
         summary["monitors"] = (n_mon, n_mon)
     banner = (f"# Results ({mode} mode)\n\n" + (
-        "**Synthetic-data miniature.** Small backbones (ResNet-18, ViT-Ti/16) at 32 px, random init, a few epochs "
-        "on CPU, on the embedded synthetic microscopy data. These numbers test that the pipeline runs end to end; "
-        "they do NOT reproduce the paper's numbers, and the paper has no synthetic data (its columns are n/a).\n\n"
+        "**Synthetic-data miniature.** timm's tiny test_resnet and test_vit at 64 px, random init, a few epochs on "
+        "a CPU, on the embedded synthetic microscopy data (run_all.py, the QUICK profile). They show what each "
+        "method learns at this scale; they do NOT reproduce the paper's numbers, and the paper has no synthetic "
+        "data (its columns are n/a).\n\n"
         if quick else
         "**Real brain-MRI data, CPU scale.** ResNet-18 and ViT-Ti/16 at 64 px from random init, 3 pretraining "
         "epochs and short fine-tuning on a 2-core CPU (README, 'The real-data CPU study'). The paper columns are "
