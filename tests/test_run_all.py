@@ -18,6 +18,15 @@ def run_all(*args, env_extra=None, cwd=None):
                           capture_output=True, text=True, timeout=120)
 
 
+def quick_run_count():
+    """Pretraining (CASS + DINO x 2 per pretraining seed), the single-label grid (3 methods x 2 backbones at
+    10%, the supervised ones also at 100%), the frozen probes (3 starts x 2 backbones x 2 probes per
+    pretraining seed) and the multi-label supervised rows (2 backbones at 100%)."""
+    q, ml = RA.QUICK, "synthetic-multilabel"
+    return (3 * q.pretrain_seeds + 6 * len(q.seeds_for("synthetic", 0.1)) + 2 * len(q.seeds_for("synthetic", 1.0))
+            + 12 * q.pretrain_seeds + 2 * len(q.seeds_for(ml, 1.0)))
+
+
 def todo_lines(stdout):
     return [ln for ln in stdout.splitlines() if ln.startswith("[todo")]
 
@@ -29,15 +38,24 @@ def test_quick_dry_run_lists_the_plan_and_runs_nothing(tmp_path):
     out = proc.stdout
     assert "dry run: nothing was run" in out
     n_runs = len(todo_lines(out))
-    # both data sets: CASS once each, DINO for both backbones, 3 methods x 2 backbones x 2 fractions x seeds
-    seeds = len(RA.QUICK.seeds_for("synthetic")) + len(RA.QUICK.seeds_for("synthetic-multilabel"))
-    assert n_runs == 2 * (1 + 2) + 12 * seeds
+    assert n_runs == quick_run_count()
     assert f"{n_runs} runs left" in out
-    assert out.count("pretrain_cass.py --data synthetic ") == 1
-    assert "pretrain_cass.py --data synthetic-multilabel" in out
-    assert "pretrain_dino.py --data synthetic --arch resnet18" in out
-    assert "pretrain_dino.py --data synthetic --arch vit_tiny_patch16_224" in out
+    # CASS and DINO for both backbones, per pretraining seed, on the single-label data only
+    assert out.count("pretrain_cass.py --data synthetic ") == RA.QUICK.pretrain_seeds == 2
+    assert "pretrain_cass.py --data synthetic-multilabel" not in out
+    assert out.count("pretrain_dino.py --data synthetic --arch test_resnet ") == 2
+    assert out.count("pretrain_dino.py --data synthetic --arch test_vit ") == 2
     assert "--label-frac 0.1" in out and "--label-frac 1 " in out and "--init random" in out
+    ft = [ln for ln in todo_lines(out) if "finetune.py" in ln]
+    tuned = [ln for ln in ft if "--eval" not in ln]
+    assert tuned and all("--class-weights inverse" in ln for ln in tuned)
+    assert not any("--class-weights" in ln for ln in ft if "--eval" in ln)  # probes have no loss to weigh
+    assert all("--epochs 20" in ln for ln in tuned if "--arch test_vit --label-frac 1 " in ln)
+    assert all("--epochs 5" in ln for ln in tuned if "--arch test_resnet --label-frac 1 " in ln)
+    assert all("--epochs 20" in ln for ln in tuned if "--label-frac 0.1 " in ln)
+    # the pretrained rows are fine-tuned with 10% of the labels only
+    assert not any("--weights" in ln for ln in tuned if "--label-frac 1 " in ln)
+    assert sum("--eval knn" in ln for ln in ft) == sum("--eval linear" in ln for ln in ft) == 6 * 2
     assert "attention_maps.py" in out and "tables.py --mode quick" in out
     assert not runs.exists() and not (tmp_path / "res").exists()
     # every fine-tuning of pretrained weights comes after the run that makes them
@@ -114,7 +132,7 @@ def test_plan_skips_finished_runs(tmp_path):
     done = [ln for ln in proc.stdout.splitlines() if ln.startswith("[done")]
     assert len(done) == 2
     assert any(f"--out {ft.out} " in ln for ln in done) and any(f"--out {cass.out} " in ln for ln in done)
-    total = 2 * (1 + 2) + 12 * (len(RA.QUICK.seeds_for("synthetic")) + len(RA.QUICK.seeds_for("synthetic-multilabel")))
+    total = quick_run_count()
     assert f"{total - 2} runs left" in proc.stdout and "2 done" in proc.stdout
     assert not any(f"--out {other.out} " in ln for ln in done)
 
@@ -127,7 +145,7 @@ def test_unknown_table_and_quick_with_tables_are_refused(tmp_path):
 
 
 def test_pretrain_seed_pairing():
-    assert [RA.pretrain_seed(RA.QUICK, s) for s in RA.QUICK.seeds] == [0] * len(RA.QUICK.seeds)
+    assert [RA.pretrain_seed(RA.QUICK, s) for s in RA.QUICK.seeds] == [0, 1, 0]
     assert [RA.pretrain_seed(RA.PAPER, s) for s in RA.PAPER.seeds] == [0, 1, 2, 3, 4]
 
 

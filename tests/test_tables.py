@@ -61,27 +61,29 @@ def read_md_row(md_text: str, label: str) -> list:
 
 @pytest.fixture()
 def quick_runs(tmp_path):
-    """A quick-mode runs folder: supervised ResNet-18 at 10% with two seeds, a CASS pretraining run
-    with its CNN arm fine-tuned at 100% (one seed) and one unfinished, DINO runs for Table 2, an
+    """A quick-mode runs folder: supervised test_resnet at 10% with two seeds, a CASS pretraining run
+    with its CNN arm fine-tuned at 10% (one seed) and its ViT arm's run unfinished, DINO runs for Table 2, an
     ablation-like CASS run (SGD) that must not leak into the main table, and an unrelated folder."""
     runs = tmp_path / "runs" / "quick"
     syn = runs / "synthetic"
-    write_run(syn / "ft" / "sup-r18-0.1-seed0", ft_config("synthetic", "resnet18", 0.1, 0), metrics(0.5))
-    write_run(syn / "ft" / "sup-r18-0.1-seed1", ft_config("synthetic", "resnet18", 0.1, 1), metrics(0.7))
-    cass = write_run(syn / "cass" / "a", cass_config("synthetic"), log_seconds=[10, 20, 30],
+    q = dict(cnn="test_resnet", vit="test_vit", bs=16)
+    cw = {"class_weights": "inverse"}  # the quick mode's fine-tuning weighting
+    write_run(syn / "ft" / "sup-r18-0.1-seed0", {**ft_config("synthetic", "test_resnet", 0.1, 0), **cw}, metrics(0.5))
+    write_run(syn / "ft" / "sup-r18-0.1-seed1", {**ft_config("synthetic", "test_resnet", 0.1, 1), **cw}, metrics(0.7))
+    cass = write_run(syn / "cass" / "a", cass_config("synthetic", **q), log_seconds=[10, 20, 30],
                      files=("cnn.safetensors", "vit.safetensors"))
-    write_run(syn / "ft" / "cass-cnn-1-seed0",
-              ft_config("synthetic", "resnet18", 1.0, 0, weights=str(cass / "cnn.safetensors")), metrics(0.9))
-    write_run(syn / "ft" / "cass-vit-1-seed0",  # still running: no metrics.json
-              ft_config("synthetic", "vit_tiny_patch16_224", 1.0, 0, weights=str(cass / "vit.safetensors")))
-    write_run(syn / "dino" / "r18", dino_config("synthetic", "resnet18"), log_seconds=[50, 50, 50],
+    write_run(syn / "ft" / "cass-cnn-0.1-seed0",
+              {**ft_config("synthetic", "test_resnet", 0.1, 0, weights=str(cass / "cnn.safetensors")), **cw}, metrics(0.9))
+    write_run(syn / "ft" / "cass-vit-0.1-seed0",  # still running: no metrics.json
+              {**ft_config("synthetic", "test_vit", 0.1, 0, weights=str(cass / "vit.safetensors")), **cw})
+    write_run(syn / "dino" / "r18", dino_config("synthetic", "test_resnet", bs=16), log_seconds=[50, 50, 50],
               files=("backbone.safetensors",))
-    write_run(syn / "dino" / "vit", dino_config("synthetic", "vit_tiny_patch16_224"), log_seconds=[40, 40, 40],
+    write_run(syn / "dino" / "vit", dino_config("synthetic", "test_vit", bs=16), log_seconds=[40, 40, 40],
               files=("backbone.safetensors",))
-    sgd = write_run(syn / "cass" / "sgd", cass_config("synthetic", cnn_opt="sgd"), log_seconds=[1, 1, 1],
+    sgd = write_run(syn / "cass" / "sgd", cass_config("synthetic", cnn_opt="sgd", **q), log_seconds=[1, 1, 1],
                     files=("cnn.safetensors", "vit.safetensors"))
-    write_run(syn / "ft" / "cass-sgd-cnn-1-seed0",
-              ft_config("synthetic", "resnet18", 1.0, 0, weights=str(sgd / "cnn.safetensors")), metrics(0.1))
+    write_run(syn / "ft" / "cass-sgd-cnn-0.1-seed0",
+              {**ft_config("synthetic", "test_resnet", 0.1, 0, weights=str(sgd / "cnn.safetensors")), **cw}, metrics(0.1))
     (runs / "splits").mkdir(parents=True)
     (runs / "splits" / "x.json").write_text("{}")
     return runs
@@ -92,7 +94,7 @@ def test_quick_tables_means_std_missing_and_paper_na(quick_runs, tmp_path):
     summary = tables.build_all("quick", quick_runs, out)
     md = (out / "quick_synthetic.md").read_text()
     # two seeds: mean 0.6, sample std (ddof=1) of (0.5, 0.7) = 0.1414
-    row = read_md_row(md, "Supervised (ResNet-18)")
+    row = read_md_row(md, "Supervised (test_resnet)")
     assert row[1] == "0.6000 ± 0.1414 (n=2)"
     assert row[2] == "0.6100 ± 0.1414 (n=2)"  # micro F1 beside the macro headline
     assert row[3] == "n/a"  # the paper has no synthetic data
@@ -100,16 +102,19 @@ def test_quick_tables_means_std_missing_and_paper_na(quick_runs, tmp_path):
     assert "| Method (backbone) | 10% macro F1 ours | 10% micro F1 ours | 10% paper (F1) |" in md
     assert "test F1 (macro)" in md.splitlines()[0]
     # one seed: no std; the SGD variant (0.1) does not leak into the default CASS cell
-    row = read_md_row(md, "CASS (ResNet-18)")
-    assert row[4] == "0.9000 (n=1)" and row[5] == "0.9100 (n=1)" and row[1] == "— (no run)"
+    row = read_md_row(md, "CASS (test_resnet)")
+    assert row[1] == "0.9000 (n=1)" and row[2] == "0.9100 (n=1)"
+    assert row[4] == ""  # the quick mode fine-tunes the pretrained rows with 10% of the labels only
     # a run folder without metrics.json is counted as unfinished
-    assert read_md_row(md, "CASS (ViT-Ti/16)")[4] == "— (1 unfinished)"
-    assert read_md_row(md, "DINO (ResNet-18)")[1] == "— (no run)"
-    assert summary["quick_synthetic"] == (2, 12)
-    assert summary["quick_synthetic_multilabel"] == (0, 12)
+    assert read_md_row(md, "CASS (test_vit/16)")[1] == "— (1 unfinished)"
+    assert read_md_row(md, "DINO (test_resnet)")[1] == "— (no run)"
+    assert summary["quick_synthetic"] == (2, 8)
+    assert summary["quick_synthetic_multilabel"] == (0, 2)  # supervised rows with all labels only
+    # the frozen probes: 3 starts x 2 backbones x (20-NN, linear), none run here
+    assert summary["quick_frozen"] == (0, 12)
     # CSV: the same numbers, machine-readable
     rows = list(csv.DictReader(open(out / "quick_synthetic.csv")))
-    sup = next(r for r in rows if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%")
+    sup = next(r for r in rows if r["row"] == "Supervised (test_resnet)" and r["column"] == "10%")
     assert float(sup["ours_mean"]) == pytest.approx(0.6) and float(sup["ours_std"]) == pytest.approx(math.sqrt(0.02))
     assert sup["ours_n"] == "2" and sup["paper_mean"] == ""
     assert float(sup["ours_f1_micro_mean"]) == pytest.approx(0.61)
@@ -127,8 +132,6 @@ def test_table2_times_summed_from_logs(quick_runs, tmp_path):
     rows = list(csv.DictReader(open(out / "quick_time.csv")))
     syn = next(r for r in rows if r["data"] == "synthetic")
     assert float(syn["cass_seconds"]) == 60 and float(syn["dino_seconds"]) == 270
-    # a pretraining run without its weight files (unfinished) is not timed
-    assert read_md_row((out / "quick_time.md").read_text(), "synthetic-multilabel")[1] == "— (no run)"
 
 
 def test_unfinished_pretraining_is_not_timed(tmp_path):
@@ -209,9 +212,10 @@ def test_relative_weight_paths_resolve_from_the_repository_layout(tmp_path, monk
     """run_all.py writes --weights relative to the repository root (runs/<mode>/...)."""
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs" / "quick"
-    write_run(runs / "synthetic" / "cass" / "x", cass_config("synthetic"), files=("cnn.safetensors",))
+    write_run(runs / "synthetic" / "cass" / "x", cass_config("synthetic", cnn="test_resnet", vit="test_vit", bs=16),
+              files=("cnn.safetensors",))
     write_run(runs / "synthetic" / "ft" / "y",
-              ft_config("synthetic", "resnet18", 0.1, 0, weights="runs/quick/synthetic/cass/x/cnn.safetensors"),
+              ft_config("synthetic", "test_resnet", 0.1, 0, weights="runs/quick/synthetic/cass/x/cnn.safetensors"),
               metrics(0.4))
     stat, _ = tables.Runs(runs).cell(RA.main_cells(RA.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
     assert stat[0] == pytest.approx(0.4)
@@ -237,7 +241,7 @@ def test_cli_writes_into_out(tmp_path):
                       cwd=tmp_path)
     assert "tables written to" in proc.stdout
     assert (tmp_path / "res" / "quick_synthetic.md").is_file()
-    assert (tmp_path / "res" / "figures" / "quick_fig2.png").is_file()
+    assert (tmp_path / "res" / "quick_frozen.md").is_file()  # the frozen probes table, empty but there
 
 
 def test_cpu_tables_probes_and_monitors(tmp_path):
