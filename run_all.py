@@ -551,8 +551,7 @@ def quick_study(prof: Profile) -> dict:
         "(macro)", ml, "f1_macro", "main",
         [Cell(f"Supervised ({label(arch)})", "100%", supervised(prof, ml, arch, 1.0)) for arch in (prof.cnn, prof.vit)],
         note="Supervised rows with all labels only (the pretraining comparison is on the single-label data, "
-             "within the quick mode's 15 minutes). A predictor that marks every cell type present scores a macro F1 of "
-             "about 0.47 on this data (each type's 2p / (1 + p) at its frequency p).")
+             "within the quick mode's 15 minutes).")
     t["quick_time"] = TableDef("quick_time", f"Pretraining wall time, CASS vs DINO ({prof.epochs} epochs, CPU)",
                                "", "seconds", "time",
                                sources=[(data, default_cass(prof, data), default_dino(prof, data, prof.cnn),

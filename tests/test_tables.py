@@ -328,3 +328,21 @@ def test_class_weight_runs_land_in_their_own_rows(tmp_path):
     main = tables.Runs(runs)  # and the cpu mode's own table sees only the min-max run
     stat, _ = main.cell(RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random"), "f1_macro")
     assert stat[0] == pytest.approx(0.5) and stat[2] == 1
+
+
+def test_multilabel_table_states_the_all_positive_reference(tmp_path):
+    """A multi-label table names the macro F1 of marking every label present, computed from the test
+    labels in a run's predictions.csv (against scikit-learn); a single-label table names none."""
+    from sklearn.metrics import f1_score
+    runs = tmp_path / "runs" / "quick"
+    y = [[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]]
+    d = write_run(runs / "synthetic-multilabel" / "ft" / "sup",
+                  {**ft_config("synthetic-multilabel", "test_resnet", 1.0, 0), "class_weights": "inverse"},
+                  metrics(0.5))
+    lines = ["id,true_a,true_b,true_c,pred_a,pred_b,pred_c"] + [f"{i},{a},{b},{c},1,0,0" for i, (a, b, c) in enumerate(y)]
+    (d / "predictions.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "res"
+    tables.build_all("quick", runs, out)
+    want = f1_score(y, [[1, 1, 1]] * 4, average="macro", zero_division=0)  # (0.857 + 0.4 + 0.4) / 3
+    assert f"marks every label present scores a macro F1 of {want:.3f}" in (out / "quick_synthetic_multilabel.md").read_text()
+    assert "marks every label present" not in (out / "quick_synthetic.md").read_text()
