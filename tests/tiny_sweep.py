@@ -21,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_all as RA  # noqa: E402
 
 EPOCHS = 4
-TINY = replace(RA.QUICK, name="tiny", seeds=(0,), pretrain_seeds=1, seeds_by_data=(), epochs=EPOCHS, bs=16, jobs=2,
+# ResNet-18 + ViT-Ti/16 (not the quick mode's tiny backbones), so a run lasts long enough to be stopped
+TINY = replace(RA.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224", seeds=(0,), pretrain_seeds=1,
+               seeds_by_data=(), seeds_by_frac=(), ft_epochs_by_frac=(), ft_epochs_by_arch=(), class_weights="minmax",
+               epochs=EPOCHS, bs=16, jobs=2,
                cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0"),
                ft_args=("--img-size", "32", "--epochs", str(EPOCHS), "--bs", "32", "--patience", "0",
                         "--workers", "0"))
