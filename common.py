@@ -274,18 +274,7 @@ def save_checkpoint(out: Path, state: dict):
     ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
     if ckpt.exists():
         os.replace(ckpt, prev)
-    if f"kill-in-save@{state.get('epoch', -2) + 1}" in os.environ.get("CASS_INJECT_FAULT", "").split(","):
-        torch.save = _save_half_then_die  # tests: the process dies inside the write, wherever it writes
     atomic_torch_save(ckpt, state)
-
-
-def _save_half_then_die(obj, f, *args, _save=torch.save, **kw):
-    """A crash in the middle of writing a file (CASS_INJECT_FAULT=kill-in-save@EPOCH): half of it
-    reaches the disk, then the process is killed."""
-    _save(obj, f, *args, **kw)
-    with open(f, "r+b") as fh:
-        fh.truncate(os.path.getsize(f) // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_error_reason(e: Exception) -> str:
@@ -458,35 +447,6 @@ def set_rng_state(state: dict):
     np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.asarray(key, dtype=np.uint32),
                                                                "pos": pos},
                          "has_gauss": has_gauss, "gauss": gauss})
-
-
-class FaultInjection:
-    """Testing hook: CASS_INJECT_FAULT=KIND@EPOCH.STEP[,KIND@EPOCH.STEP...] (1-based) makes a run
-    meet faults there, so the tests can check what the user would see. KIND: nan (the batch becomes
-    NaN, so the loss and then the weights do), oom (an out-of-memory error is raised), sigterm /
-    sigint (the process sends itself that signal during the step); kill-in-save@EPOCH belongs to
-    save_checkpoint. Unset, it does nothing."""
-
-    def __init__(self):
-        self.faults = []
-        for spec in filter(None, os.environ.get("CASS_INJECT_FAULT", "").split(",")):
-            kind, at = spec.split("@")
-            if kind != "kill-in-save":
-                e, st = at.split(".")
-                self.faults.append((kind, int(e) - 1, int(st) - 1))
-
-    def batch(self, x, epoch: int, step: int):
-        for kind, e, st in self.faults:
-            if (e, st) != (epoch, step):
-                continue
-            if kind in ("sigterm", "sigint"):
-                os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
-            elif kind == "oom":
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                                             "CASS_INJECT_FAULT)")
-            elif kind == "nan":
-                x = [c * float("nan") for c in x] if isinstance(x, (list, tuple)) else x * float("nan")
-        return x
 
 
 # ---------------------------------------------------------------- several processes (torchrun)

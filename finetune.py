@@ -108,7 +108,6 @@ def get_args(argv=None):
     g.add_argument("--keep-checkpoint", action="store_true",
                    help="keep checkpoint.pt after the run has finished (removed by default: it holds the "
                         "optimiser state and two copies of the weights)")
-    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     args = p.parse_args(argv)
 
     if not 0 < args.label_frac <= 1:
@@ -426,7 +425,7 @@ def finetune_step(fwd, x, y, criterion, opt, device):
 def main(argv=None):
     args = get_args(argv)
     device = common.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
-    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    config = dict(vars(args))
     runtime = (*common.RUNTIME_FLAGS, "keep_checkpoint")
     out = common.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
     if (out / "metrics.json").exists() and not args.force:
@@ -498,7 +497,7 @@ def main(argv=None):
         t_total = 0.0
     else:
         res = train(args, out, model, table, rows, split, counts, device, test_loader, gpu)
-        if res is None:  # --stop-after-epoch (a simulated interruption), or not rank 0 of a torchrun
+        if res is None:  # not rank 0 of a torchrun
             return
         test_y, test_rows, probs = res["test_y"], res["test_rows"], res["probs"]
         best_epoch, epochs_run, t_total = res["best_epoch"], res["epochs_run"], res["seconds"]
@@ -530,8 +529,8 @@ def main(argv=None):
 
 def train(args, out, model, table, rows, split, counts, device, test_loader, gpu=False):
     """End-to-end fine-tuning with early stopping, then the test pass with the best validation
-    weights; returns a dict for main's metrics, or None after --stop-after-epoch (and on the
-    processes other than rank 0 of a torchrun: the test and the files are rank 0's).
+    weights; returns a dict for main's metrics, or None on the processes other than rank 0 of a
+    torchrun (the test and the files are rank 0's).
 
     Under torchrun the training batches are split over the processes (DDP, synchronised BatchNorm);
     every process evaluates the whole validation set and rank 0's validation loss decides."""
@@ -566,7 +565,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         start_epoch, partial = common.resume_point(out, ckpt)
     log = common.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
-    signals, watch, faults = common.StopOnSignal(device), common.LossWatch(device), common.FaultInjection()
+    signals, watch = common.StopOnSignal(device), common.LossWatch(device)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         if stopper.should_stop:  # resumed after the stopping epoch's checkpoint
@@ -587,7 +586,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))
         for step, (x, y, _) in enumerate(bar, start=skip):
-            x, y = faults.batch(prepare(x), epoch, step), y.to(device, non_blocking=True)
+            x, y = prepare(x), y.to(device, non_blocking=True)
             loss = finetune_step(fwd, x, y, criterion, opt, device)
             watch.update(loss, step)
             if args.sched_step == "batch":
@@ -620,9 +619,6 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
                    f"val_f1_macro {val['f1_macro']:.4f} lr {lr:.2e} {seconds:.1f}s{mark}")
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch); rerun to resume")
-            return None
         if stopper.should_stop:
             print(f"early stopping: no lower validation loss for {args.patience} epochs "
                   f"(best {stopper.best:.4f} at epoch {stopper.best_epoch + 1})")

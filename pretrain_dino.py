@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
+from common import (CsvLog, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
                     atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device,
                     prepare_out_dir, resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch,
                     seed_epoch, seed_everything, setup_distributed, world_size)
@@ -126,7 +126,6 @@ def get_args(argv=None):
                         "to 32: 448 px at 224 / 96 px; 608 px at 384 px. Only the training split is cached)")
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
-    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     add_monitor_args(p)
     args = p.parse_args(argv)
     if args.out is None:
@@ -358,7 +357,7 @@ def is_cnn_input(model):
 def main(argv=None):
     args = get_args(argv)
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
-    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
     # ---- data: the training split only (Appendix C.5.1), decoded once at a size the crops can cut from
@@ -428,7 +427,7 @@ def main(argv=None):
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)
-    signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()
+    signals, watch = StopOnSignal(device), LossWatch(device)
     hint = "try a lower --lr, a higher --momentum-teacher or --clip-grad"
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
@@ -447,7 +446,7 @@ def main(argv=None):
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (crops, _, _) in enumerate(bar, start=skip):
             it = epoch * steps_per_epoch + step  # global iteration
-            crops = faults.batch(prepare(crops), epoch, step)  # to the device; --gpu-aug: cut and augmented there
+            crops = prepare(crops)  # to the device; --gpu-aug: cut and augmented there
             loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
@@ -487,9 +486,6 @@ def main(argv=None):
                    + (f" | {monitor_line(row)}" if monitor is not None else ""))
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
-            return
 
     # ---- final weights: the teacher's backbone (what DINO evaluates) and the student's
     save_weights(teacher.backbone, out / "backbone.safetensors")

@@ -20,9 +20,68 @@ import gpu_aug as G
 N = 2000
 
 
+def record_cass_cpu_params(n: int, size: int = 32, seed: int = 0) -> dict:
+    """Run the real CPU chain datasets.cass_augment(size) n times on a size x size image and record
+    the parameters torchvision draws (spies on its get_params and flips; the chain itself unchanged).
+    Returns tensors over the n runs in gpu_aug.cass_params' naming."""
+    tf = D.cass_augment(size)
+    apply1, apply2 = tf.transforms[1], tf.transforms[2]
+    rec = {}
+
+    def spy(obj, key):
+        orig = type(obj).get_params
+
+        def get_params(*a):
+            out = orig(*a)
+            rec[key] = out
+            return out
+        obj.get_params = get_params
+
+    spy(apply1.transforms[0], "j1")
+    spy(apply1.transforms[1], "persp")
+    spy(apply2.transforms[0], "j2")
+    spy(apply2.transforms[1], "affine")
+    flips = {}
+    vflip, hflip = TF.vflip, TF.hflip
+
+    def spy_v(img):
+        flips["v"] = True
+        return vflip(img)
+
+    def spy_h(img):
+        flips["h"] = True
+        return hflip(img)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    out = {k: [] for k in ("apply1", "persp", "apply2", "vflip", "hflip", "order1", "f1", "order2", "f2",
+                           "angle", "endpoints")}
+    torch.manual_seed(seed)
+    TF.vflip, TF.hflip = spy_v, spy_h
+    try:
+        for _ in range(n):
+            rec.clear(), flips.clear()
+            tf(img)
+            out["apply1"].append("j1" in rec)
+            out["persp"].append("persp" in rec)
+            out["apply2"].append("j2" in rec)
+            out["vflip"].append("v" in flips)
+            out["hflip"].append("h" in flips)
+            for k in ("1", "2"):
+                if "j" + k in rec:
+                    fn_idx, b, c, s, _ = rec["j" + k]
+                    out["order" + k].append(fn_idx.tolist())
+                    out["f" + k].append([b, c, s])
+            if "affine" in rec:
+                out["angle"].append(rec["affine"][0])
+            if "persp" in rec:
+                out["endpoints"].append(rec["persp"][1])
+    finally:
+        TF.vflip, TF.hflip = vflip, hflip
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
 @pytest.fixture(scope="module")
 def draws():
-    cpu = G.record_cass_cpu_params(N, size=32, seed=0)
+    cpu = record_cass_cpu_params(N, size=32, seed=0)
     u = torch.stack([G.uniforms(D.item_seed(7, i), G.CASS_UNIFORMS) for i in range(N)])
     dev = G.cass_params(u, 32, 32)
     return cpu, dev
@@ -221,7 +280,7 @@ def _textured(h, w):
 def _cpu_chain_runs(img, size, n, seed, extra=(), p_apply=None):
     """Run the real CPU chain datasets.cass_augment(size, extra) n times on `img` (uint8 H x W x 3)
     and return, per run, (the parameters torchvision drew, the output in [0, 1]). Like
-    gpu_aug.record_cass_cpu_params it spies on the transforms' get_params and on the flip (and
+    record_cass_cpu_params it spies on the transforms' get_params and on the flip (and
     solarize) functions without changing the chain, but it keeps each run's draws and output together
     and can force both RandomApply groups and the perspective (p_apply: their probability, the
     perspective's then 1) so that every run exercises the whole chain."""
