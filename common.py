@@ -33,41 +33,47 @@ def run_cli(main):
 
     Also one line each: a stop on SIGTERM / Ctrl-C (exit 128 + signal number, as a shell reports a
     signal), an interrupt before training started (exit 130) and running out of memory (exit 3,
-    with the --bs of the run). Set CASS_DEBUG=1 to see the full traceback instead."""
+    with the --bs of the run); see exit_status. Set CASS_DEBUG=1 to see the full traceback instead
+    (except for a stop on a signal, which is no error)."""
     try:
         main()
-    except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        if os.environ.get("CASS_DEBUG"):
+    except (Exception, KeyboardInterrupt) as e:
+        status = exit_status(e, sys.argv[1:])
+        if status is None or (os.environ.get("CASS_DEBUG") and not isinstance(e, Interrupted)):
             raise
-        print("error: interrupted (Ctrl-C) before a checkpoint could be saved; outputs written so far are "
-              "complete, rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except UserError as e:
-        if os.environ.get("CASS_DEBUG"):
-            raise
+        code, line = status
+        print(line, file=sys.stderr)
+        sys.exit(code)
+
+
+def exit_status(e: BaseException, argv) -> tuple:
+    """(exit status, one-line message for stderr) of a run of the command line `argv` (without the
+    script) that raised `e`, or None when `e` is a bug (its traceback is then the message, exit 1).
+    Shared by run_cli and run_all's worker processes, which run many commands in one process."""
+    if isinstance(e, Interrupted):
+        return 128 + e.signum, f"stopped: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        return 130, ("error: interrupted (Ctrl-C) before a checkpoint could be saved; outputs written so far "
+                     "are complete, rerun the same command to resume")
+    if isinstance(e, UserError):
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"error: {msg.removeprefix('common.UserError: ')}", file=sys.stderr)
-        sys.exit(2)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        return 2, f"error: {msg.removeprefix(f'{UserError.__module__}.UserError: ')}"
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError, RuntimeError)):
         text = str(e)
         oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
             s in text for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED"))  # CPU, CUDA, cuDNN/cuBLAS
-        if not oom or os.environ.get("CASS_DEBUG"):
-            raise
+        if not oom:
+            return None
         where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text or "ALLOC_FAILED" in text else "CPU"
-        print(f"error: out of {where} memory at --bs {_flag_value('--bs') or '(the default)'}: try a smaller "
-              f"--bs or --img-size (that is a new run: give it another --out, or --force); the output folder "
-              f"keeps its last complete checkpoint ({str(e).strip().splitlines()[0][:100]})", file=sys.stderr)
-        sys.exit(3)
+        return 3, (f"error: out of {where} memory at --bs {_flag_value('--bs', argv) or '(the default)'}: try a "
+                   f"smaller --bs or --img-size (that is a new run: give it another --out, or --force); the output "
+                   f"folder keeps its last complete checkpoint ({text.strip().splitlines()[0][:100]})")
+    return None
 
 
-def _flag_value(flag):
-    """The value given to `flag` on the command line, or None (for messages printed outside main)."""
-    argv = sys.argv[1:]
+def _flag_value(flag, argv):
+    """The value given to `flag` in the command line `argv`, or None (for messages printed outside main)."""
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
             return argv[i + 1]
@@ -76,37 +82,15 @@ def _flag_value(flag):
     return None
 
 
+def default_cache_dir() -> str:
+    """Where generated data and the decoded-image cache are kept: $CASS_CACHE, else ~/.cache/cass."""
+    return os.environ.get("CASS_CACHE") or str(Path.home() / ".cache" / "cass")
+
+
 def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="imagenet"):
-    """The flags every script shares; defaults differ per script, so they are parameters."""
+    """The flags every training script shares; defaults differ per script, so they are parameters."""
     g = p.add_argument_group("data and run (shared by every script)")
-    g.add_argument("--data", default="synthetic",
-                   help="data set name: synthetic, synthetic-multilabel, isic2019, brain-mri, dermofit, "
-                        "autoimmune, folder, csv, medmnist")
-    g.add_argument("--data-root", default=None,
-                   help="where the data set lies (for medmnist: the .npz file); not needed for synthetic*")
-    g.add_argument("--cache-dir", default=os.environ.get("CASS_CACHE", str(Path.home() / ".cache" / "cass")),
-                   help="where generated data (synthetic*) and the decoded-image cache (decoded/) are kept "
-                        "(env CASS_CACHE)")
-    g.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="decode the image files at every epoch instead of once into the decoded-image cache "
-                        "(<cache-dir>/decoded: uint8 arrays resized to the input size, rebuilt when the files "
-                        "change); data held in arrays (synthetic*, medmnist) is never cached")
-    g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-                   help="augment on the device (gpu_aug.py): the loader only reads uint8 images, the random "
-                        "transforms run batched on the GPU, same distributions as the CPU path but not the same "
-                        "pixels. Default: on with CUDA when the images are in an array (cache or synthetic), "
-                        "off on the CPU (where --gpu-aug runs the same code on CPU tensors)")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out image files that cannot be read (corrupt, truncated, not an image) and "
-                        "list them, instead of stopping at the first one; they are found before training "
-                        "starts (while the decoded-image cache is built, or by a check of every file with "
-                        "--no-cache) and dropped from every split part")
-    g.add_argument("--split-file", default=None,
-                   help="JSON file of train/val/test ids; default runs/splits/<data>-<fingerprint>.json, "
-                        "created on first use and reused by every later script and seed")
-    g.add_argument("--split-seed", type=int, default=77,
-                   help="seed of the stratified 70/10/20 split (77 as in the authors' code); "
-                        "kept apart from --seed so every training seed sees the same split")
+    add_data_args(g, decoding=True)
     g.add_argument("--img-size", type=int, default=img_size, help="input size in pixels (square)")
     g.add_argument("--bs", type=int, default=bs,
                    help="batch size; under torchrun the GLOBAL batch, split evenly over the processes")
@@ -122,6 +106,42 @@ def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="i
     g.add_argument("--force", action="store_true",
                    help="reuse an output folder that holds a run with a different config (its checkpoint "
                         "is discarded)")
+    return g
+
+
+def add_data_args(g, *, decoding=False):
+    """The flags that choose the data and its split: --data, --data-root, --cache-dir, --split-file and
+    --split-seed (attention_maps.py); decoding=True adds, in between, how the images are read:
+    --no-cache, --gpu-aug and --skip-bad-images (the training scripts, through add_common_args)."""
+    g.add_argument("--data", default="synthetic",
+                   help="data set name: synthetic, synthetic-multilabel, isic2019, brain-mri, dermofit, "
+                        "autoimmune, folder, csv, medmnist")
+    g.add_argument("--data-root", default=None,
+                   help="where the data set lies (for medmnist: the .npz file); not needed for synthetic*")
+    g.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="where generated data (synthetic*) and the decoded-image cache (decoded/) are kept "
+                        "(env CASS_CACHE)")
+    if decoding:
+        g.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="decode the image files at every epoch instead of once into the decoded-image cache "
+                            "(<cache-dir>/decoded: uint8 arrays resized to the input size, rebuilt when the files "
+                            "change); data held in arrays (synthetic*, medmnist) is never cached")
+        g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+                       help="augment on the device (gpu_aug.py): the loader only reads uint8 images, the random "
+                            "transforms run batched on the GPU, same distributions as the CPU path but not the "
+                            "same pixels. Default: on with CUDA when the images are in an array (cache or "
+                            "synthetic), off on the CPU (where --gpu-aug runs the same code on CPU tensors)")
+        g.add_argument("--skip-bad-images", action="store_true",
+                       help="leave out image files that cannot be read (corrupt, truncated, not an image) and "
+                            "list them, instead of stopping at the first one; they are found before training "
+                            "starts (while the decoded-image cache is built, or by a check of every file with "
+                            "--no-cache) and dropped from every split part")
+    g.add_argument("--split-file", default=None,
+                   help="JSON file of train/val/test ids; default runs/splits/<data>-<fingerprint>.json, "
+                        "created on first use and reused by every later script and seed")
+    g.add_argument("--split-seed", type=int, default=77,
+                   help="seed of the stratified 70/10/20 split (77 as in the authors' code); "
+                        "kept apart from --seed so every training seed sees the same split")
     return g
 
 

@@ -28,7 +28,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from common import UserError, atomic_write_json, atomic_write_text, is_main
+from common import UserError, atomic_write_json, atomic_write_text, default_cache_dir, is_main, rank, world_size
+from synthetic import ensure_synthetic, largest_remainder
 
 DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "brain-mri", "dermofit", "autoimmune",
               "folder", "csv", "medmnist")
@@ -370,7 +371,6 @@ def load_medmnist(root) -> ImageTable:
 
 
 def load_synthetic(cache_dir, multilabel) -> ImageTable:
-    from synthetic import ensure_synthetic
     folder = ensure_synthetic(Path(cache_dir).expanduser(), multilabel=multilabel)
     meta = json.loads((folder / "meta.json").read_text())
     images = np.load(folder / "images.npy", mmap_mode="r")
@@ -382,8 +382,8 @@ def load_synthetic(cache_dir, multilabel) -> ImageTable:
 
 def load_table(name: str, root=None, cache_dir=None) -> ImageTable:
     """The data set called `name` (see DATA_NAMES), read from `root`; generated data lives in
-    `cache_dir` (default: $CASS_CACHE or ~/.cache/cass)."""
-    cache_dir = cache_dir or os.environ.get("CASS_CACHE") or "~/.cache/cass"
+    `cache_dir` (default: common.default_cache_dir(), $CASS_CACHE or ~/.cache/cass)."""
+    cache_dir = cache_dir or default_cache_dir()
     loaders = {
         "synthetic": lambda: load_synthetic(cache_dir, False),
         "synthetic-multilabel": lambda: load_synthetic(cache_dir, True),
@@ -425,10 +425,7 @@ def stratified_partition(strata: np.ndarray, fractions, seed: int):
     fractions = np.asarray(fractions, dtype=np.float64) / np.sum(fractions)
     for s in np.unique(strata):
         members = rng.permutation(np.flatnonzero(strata == s))
-        want = fractions * len(members)
-        take = np.floor(want).astype(int)
-        for j in np.argsort(-(want - take), kind="stable")[: len(members) - take.sum()]:
-            take[j] += 1
+        take = largest_remainder(fractions * len(members), len(members))
         start = 0
         for j, k in enumerate(take):
             parts[j] += members[start:start + k].tolist()
@@ -612,9 +609,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, shuffle: bool, shard: bool = False, drop_multiple: int = None):
         self.n, self.shuffle, self.epoch_seed, self.drop_multiple, self.start = n, shuffle, None, drop_multiple, 0
-        self.rank, self.world = 0, 1
-        if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world = (rank(), world_size()) if shard else (0, 1)
 
     def set_epoch_seed(self, seed, start: int = 0):
         """Seed of the coming epoch; start > 0 leaves out the first `start` items of this process's
@@ -692,12 +687,10 @@ def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=Non
     With workers > 0 the loader and its worker processes persist: a later call with the same
     dataset and settings returns the same loader, only re-seeded. Memory is pinned on CUDA.
     skip_batches: leave out the epoch's first batches (resuming in the middle of an epoch)."""
-    world = 1
-    if shard and torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if bs % world:
-            raise UserError(f"--bs {bs} is the global batch: it must be divisible by the number of "
-                            f"processes ({world})")
+    world = world_size() if shard else 1
+    if bs % world:
+        raise UserError(f"--bs {bs} is the global batch: it must be divisible by the number of "
+                        f"processes ({world})")
     pin = device is not None and device.type == "cuda"
     key = (id(dataset), bs, shuffle, workers, drop_last, pin, shard)
     cached = _LOADERS.get(key) if workers > 0 else None
@@ -1017,7 +1010,7 @@ def cached_table(table: ImageTable, size: int, cache_dir=None, rows=None, worker
         return table
     import fcntl
     rows = np.arange(len(table)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    cache_dir = Path(cache_dir or os.environ.get("CASS_CACHE") or "~/.cache/cass").expanduser()
+    cache_dir = Path(cache_dir or default_cache_dir()).expanduser()
     folder = cache_dir / "decoded"
     fp = cache_fingerprint(table, size, rows)
     stem = f"{table.name}-{size}px-{len(rows)}-{fp}"

@@ -42,8 +42,8 @@ from common import UserError
 from datasets import _strata, load_data, make_loader, write_skipped
 from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
 from losses import FocalLoss, class_weights
-from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, load_weights, norm_of_weights,
-                    save_weights, sync_batchnorm, wrap_ddp)
+from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, is_transformer, load_weights,
+                    norm_of_weights, save_weights, sync_batchnorm, wrap_ddp)
 from monitors import knn_probs  # (also the online k-NN monitor of the pretraining runs)
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
@@ -368,10 +368,6 @@ def forward_all(model, loader, device, criterion=None, desc="eval"):
     n = sum(len(r) for r in rows)
     return (torch.cat(outs).double().numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy(),
             loss_sum / n if criterion is not None else None)
-
-
-def is_transformer(model) -> bool:
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
 
 
 def to_probs(logits, multilabel):

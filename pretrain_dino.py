@@ -43,7 +43,8 @@ from common import (CsvLog, LossWatch, StopOnSignal, UserError, add_common_args,
 from datasets import dino_cache_size, load_data, load_table, make_loader, write_skipped
 from gpu_aug import dino_pipeline, use_gpu_aug
 from losses import DINOLoss
-from models import NORMS, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
+                    wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 
 
@@ -228,10 +229,6 @@ def create_dino_backbone(arch, init, img_size, **kwargs):
         return create_backbone(arch, init, num_classes=0, img_size=img_size, **kwargs)
     except TypeError as e:
         raise UserError(f"--arch {arch}: {e}") from None
-
-
-def is_transformer(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
 
 
 def build_models(args, device):
