@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, run_cli
-from datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform, load_data
+from datasets import load_data
+from loading import ImageDataset
 from models import NORMS, apply_norm, create_backbone, head_prefixes, load_weights, norm_of_weights, read_state_dict
+from transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 # ---------------------------------------------------------------- extraction
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import all_reduce_sum, world_size
+from distributed import all_reduce_sum, world_size
 
 # ---------------------------------------------------------------- CASS (Equation 1, Algorithm 1)
 

@@ -11,7 +11,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from common import UserError, atomic_save_safetensors, load_error_reason, world_size
+from common import UserError, atomic_save_safetensors, load_error_reason
+from distributed import world_size
 
 
 def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,

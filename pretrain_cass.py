@@ -19,16 +19,18 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from common import (CsvLog, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    atomic_save_safetensors, atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint,
-                    main_first, pick_device, prepare_out_dir, resume_mid_epoch, resume_point, run_cli,
-                    save_checkpoint, save_mid_epoch, seed_epoch, seed_everything, setup_distributed, world_size)
-from datasets import load_data, make_loader, write_skipped
+from common import (UserError, add_common_args, atomic_save_safetensors, atomic_write_json, autocast, pick_device,
+                    run_cli, seed_everything)
+from datasets import load_data, write_skipped
+from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from gpu_aug import cass_pipeline, use_gpu_aug
+from loading import make_loader
 from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
+                  resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
 
 
 def get_args(argv=None):

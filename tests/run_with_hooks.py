@@ -35,9 +35,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import common as runs  # noqa: E402
-import datasets as loading  # noqa: E402
 import gpu_aug  # noqa: E402
+import loading  # noqa: E402
+import runs  # noqa: E402
 
 
 class StoppedAfterEpoch(BaseException):

@@ -7,10 +7,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import run_script
 from losses import CASSLoss, cass_loss, covariance_penalty, predictor_loss, variance_hinge
 from models import CassArm, MLPHead
+from runs import read_csv_log
 
 
 def d_np(a, b):

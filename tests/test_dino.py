@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from common import read_csv_log
 from conftest import ROOT, run_script
-from datasets import DinoMultiCrop
 from losses import DINOLoss, teacher_temp_schedule
 from models import load_weights
 from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler,
                            ema_update, make_optimizer, param_groups, train_step)
+from runs import read_csv_log
+from transforms import DinoMultiCrop
 
 CPU = torch.device("cpu")
 

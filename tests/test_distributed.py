@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import HOOKS, ROOT, run_script
+from runs import read_csv_log
 
 ARGS = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
         "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "32",

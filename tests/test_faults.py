@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import HOOKS, ROOT, run_script
+from runs import read_csv_log
 
 TINY = {
     "pretrain_cass.py": (["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224",
@@ -267,7 +267,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, script):
 @pytest.mark.parametrize("world,drop", [(1, None), (2, None), (3, None), (2, 8)])
 def test_a_resumed_epoch_yields_exactly_the_items_it_had_left(world, drop):
     """EpochSampler with start=k*b: each process's remaining items are the tail of its full order."""
-    from datasets import EpochSampler
+    from loading import EpochSampler
     for rank in range(world):
         full, part = EpochSampler(37, True, drop_multiple=drop), EpochSampler(37, True, drop_multiple=drop)
         for s in (full, part):

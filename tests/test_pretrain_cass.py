@@ -5,8 +5,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import run_script
+from runs import read_csv_log
 
 SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16"]
