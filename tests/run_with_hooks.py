@@ -12,8 +12,8 @@ CASS_INJECT_FAULT=KIND@EPOCH.STEP[,KIND@EPOCH.STEP...] (1-based; in the environm
     passes it to every process) makes the run meet faults just before that training step:
     nan (the batch becomes NaN, so the loss and then the weights do), oom (an out-of-memory error is
     raised), sigterm / sigint (the process sends itself that signal). kill-in-save@EPOCH: the process
-    is killed (SIGKILL) in the middle of writing the checkpoint that follows epoch EPOCH - 1 (0-based
-    EPOCH - 2), half of the file written.
+    is killed (SIGKILL) in the middle of writing the checkpoint of epoch EPOCH (its "epoch" field
+    EPOCH - 1), half of the file on the disk.
 
 Tests that run a script in their own process use stop_after_epoch(N) as a context manager.
 How the hooks find their places: every checkpoint goes through runs.save_checkpoint; a training

@@ -1,4 +1,4 @@
-"""The decoded-image cache (datasets.cached_table) and the epoch-seeded loaders (make_loader):
+"""The decoded-image cache (images.cached_table) and the epoch-seeded loaders (make_loader):
 exact for the CASS and evaluation transforms, rebuilt when a file changes, never half-written,
 the same with worker processes, and the same augmented batches whatever the number of workers
 or processes."""
