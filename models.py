@@ -8,6 +8,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
@@ -207,7 +208,6 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and world_size() > 1):
             return super().forward(x)
-        import torch.distributed as dist
         from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
