@@ -32,7 +32,6 @@ the extraction (and restored after), so a forward hook on blocks[-1].attn.attn_d
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, atomic_save_figure, atomic_write_json, run_cli
-from datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform, load_data
+from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, run_cli
+from datasets import load_data
+from loading import ImageDataset
 from models import NORMS, apply_norm, create_backbone, head_prefixes, load_weights, norm_of_weights, read_state_dict
+from transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 # ---------------------------------------------------------------- extraction
 
@@ -287,12 +288,7 @@ def attention_stats(mean_map: np.ndarray) -> dict:
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data (as the other scripts)")
-    g.add_argument("--data", default="synthetic")
-    g.add_argument("--data-root", default=None)
-    g.add_argument("--cache-dir", default=os.environ.get("CASS_CACHE", str(Path.home() / ".cache" / "cass")))
-    g.add_argument("--split-file", default=None)
-    g.add_argument("--split-seed", type=int, default=77)
+    g = add_data_args(p.add_argument_group("data (as the other scripts)"))
     g.add_argument("--img-size", type=int, default=384, help="input size the weights were trained at")
     g.add_argument("--norm", choices=NORMS, default=None,
                    help="input normalisation of the models (see finetune.py --norm); default: each weight file's "

@@ -272,7 +272,7 @@ def data_table(args, tmp: Path):
 
 def loader_rate(ds, bs, workers, device, min_images):
     """Images/s of iterating a loader over ds (first batch excluded: worker start-up)."""
-    from datasets import make_loader
+    from loading import make_loader
     loader = make_loader(ds, bs, shuffle=True, workers=workers, device=device,
                          generator=torch.Generator().manual_seed(1))
     n, t0, first = 0, None, True
@@ -289,7 +289,9 @@ def loader_rate(ds, bs, workers, device, min_images):
 
 
 def bench_data(args, name, tmp):
-    from datasets import ImageDataset, cass_augment, cached_table
+    from images import cached_table
+    from loading import ImageDataset
+    from transforms import cass_augment
     from gpu_aug import CASS_UNIFORMS, UInt8Dataset
     S = args.data_size
     table = data_table(args, tmp)
@@ -324,7 +326,7 @@ def bench_data(args, name, tmp):
 
 def bench_gpu_aug(args, kind):
     import gpu_aug as G
-    from datasets import dino_cache_size
+    from images import dino_cache_size
     reset_peak(args.device)
     if kind == "cass":
         aug, S = G.CassGpuAugment(args.img_size), args.img_size
@@ -343,7 +345,8 @@ def bench_gpu_aug(args, kind):
 def bench_e2e(args, name, tmp):
     """Training steps fed by the real loader from the decoded cache (cycled over epochs)."""
     import gpu_aug as G
-    from datasets import cached_table, dino_cache_size, make_loader
+    from images import cached_table, dino_cache_size
+    from loading import make_loader
     table = data_table(args, tmp)
     gpu = args.device.type == "cuda" if args.gpu_aug is None else args.gpu_aug
     reset_peak(args.device)

@@ -26,11 +26,9 @@ Rerunning the same command resumes an interrupted run from checkpoint.pt; a fini
 """
 
 import argparse
-import csv
 import math
 import re
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +36,16 @@ import torch
 from tqdm import tqdm
 
 import common
+import distributed
+import runs
 from common import UserError
-from datasets import _strata, load_data, make_loader, write_skipped
+from datasets import _strata, load_data, write_skipped
 from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
+from loading import make_loader
 from losses import FocalLoss, class_weights
-from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, load_weights, norm_of_weights,
-                    save_weights, sync_batchnorm, wrap_ddp)
+from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
+from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, is_transformer, load_weights,
+                    norm_of_weights, save_weights, sync_batchnorm, wrap_ddp)
 from monitors import knn_probs  # (also the online k-NN monitor of the pretraining runs)
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
@@ -108,7 +110,6 @@ def get_args(argv=None):
     g.add_argument("--keep-checkpoint", action="store_true",
                    help="keep checkpoint.pt after the run has finished (removed by default: it holds the "
                         "optimiser state and two copies of the weights)")
-    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     args = p.parse_args(argv)
 
     if not 0 < args.label_frac <= 1:
@@ -239,114 +240,6 @@ class EarlyStopping:
             d["patience"], d["best"], d["best_epoch"], d["bad_epochs"])
 
 
-# ---------------------------------------------------------------- metrics
-
-def compute_metrics(y_true, probs, class_names, multilabel: bool, threshold: float = 0.5) -> dict:
-    """Test metrics with scikit-learn from the true labels and the predicted probabilities.
-
-    Single-label: y_true class indices (N,), probs (N, C) softmax; prediction = argmax. The F1
-    averages are scikit-learn's over the classes present in y_true or the predictions;
-    balanced_accuracy is the mean recall over the classes present in y_true; auroc_macro is the
-    one-vs-rest macro AUROC, None when a class is absent from the test set.
-    Multi-label: y_true (N, L) 0/1, probs (N, L) sigmoid; prediction = probs >= threshold.
-    balanced_accuracy is the mean over labels of each label's balanced accuracy (mean of its
-    sensitivity and specificity; a label with no positive in the test set counts its specificity
-    only); auroc_macro the mean per-label AUROC, None when some label has only one outcome in the
-    test set (the per-label values are still given where defined)."""
-    from sklearn import metrics as skm
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
-    C = len(class_names)
-    m = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # absent classes: handled explicitly below
-        if not multilabel:
-            y_true = y_true.astype(int)
-            y_pred = probs.argmax(1)
-            for avg in ("macro", "micro", "weighted"):
-                m[f"f1_{avg}"] = float(skm.f1_score(y_true, y_pred, average=avg, zero_division=0))
-            m["balanced_accuracy"] = float(skm.balanced_accuracy_score(y_true, y_pred))
-            m["accuracy"] = float(skm.accuracy_score(y_true, y_pred))
-            present = np.unique(y_true)
-            if len(present) < C:
-                m["auroc_macro"] = None
-            elif C == 2:
-                m["auroc_macro"] = float(skm.roc_auc_score(y_true, probs[:, 1]))
-            else:
-                p = probs / probs.sum(1, keepdims=True)
-                m["auroc_macro"] = float(skm.roc_auc_score(y_true, p, multi_class="ovr", average="macro",
-                                                           labels=list(range(C))))
-            prec, rec, f1, sup = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(C)),
-                                                                     zero_division=0)
-            m["per_class"] = {n: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                                  "support": int(sup[i])} for i, n in enumerate(class_names)}
-            m["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=list(range(C))).tolist()
-        else:
-            y_true = (y_true > 0.5).astype(int)
-            y_pred = (probs >= threshold).astype(int)
-            for avg in ("macro", "micro", "samples", "weighted"):
-                m[f"f1_{avg}"] = float(skm.f1_score(y_true, y_pred, average=avg, zero_division=0))
-            bacc = [float(skm.balanced_accuracy_score(y_true[:, j], y_pred[:, j])) for j in range(C)]
-            m["balanced_accuracy"] = float(np.mean(bacc))
-            m["accuracy"] = float(skm.accuracy_score(y_true, y_pred))  # exact match of the label set
-            auroc = [float(skm.roc_auc_score(y_true[:, j], probs[:, j])) if 0 < y_true[:, j].sum() < len(y_true)
-                     else None for j in range(C)]
-            m["auroc_macro"] = None if None in auroc else float(np.mean(auroc))
-            prec, rec, f1, sup = skm.precision_recall_fscore_support(y_true, y_pred, zero_division=0)
-            m["per_class"] = {n: {"precision": float(prec[j]), "recall": float(rec[j]), "f1": float(f1[j]),
-                                  "support": int(sup[j]), "balanced_accuracy": bacc[j], "auroc": auroc[j]}
-                              for j, n in enumerate(class_names)}
-            m["confusion_matrix"] = skm.multilabel_confusion_matrix(y_true, y_pred).tolist()
-            m["threshold"] = threshold
-    return m
-
-
-def write_predictions(path, ids, y_true, probs, class_names, multilabel, threshold):
-    """predictions.csv, one row per test image. Single-label: id, y_true, y_pred (class indices, in
-    the order of metrics.json's class_names), prob_<class>. Multi-label: id, true_<label>,
-    pred_<label>, prob_<label>."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            if multilabel:
-                w.writerow(["id"] + [f"{k}_{n}" for k in ("true", "pred", "prob") for n in class_names])
-                for i, t, p in zip(ids, y_true, probs):
-                    w.writerow([i] + [int(v > 0.5) for v in t] + [int(v >= threshold) for v in p]
-                               + [f"{v:.8g}" for v in p])
-            else:
-                w.writerow(["id", "y_true", "y_pred"] + [f"prob_{n}" for n in class_names])
-                for i, t, p in zip(ids, y_true, probs):
-                    w.writerow([i, int(t), int(np.argmax(p))] + [f"{v:.8g}" for v in p])
-    common._atomic(path, write)
-
-
-def plot_confusion(path, metrics, class_names, multilabel, title):
-    """confusion_matrix.png: the C x C matrix (rows true, columns predicted), or for multi-label one
-    2 x 2 matrix per label (rows: label absent/present, columns: predicted absent/present)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cm_all = np.asarray(metrics["confusion_matrix"])
-    cms = list(cm_all) if multilabel else [cm_all]
-    names = class_names if multilabel else [title]
-    ticks = [["absent", "present"]] * len(cms) if multilabel else [class_names]
-    n = len(cms)
-    size = 3.0 if multilabel else max(4.0, 0.6 * len(class_names) + 2)
-    fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
-    for ax, cm, name, tk in zip(axes[0], cms, names, ticks):
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black", fontsize=8)
-        ax.set_xticks(range(len(tk)), tk, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(tk)), tk, fontsize=8)
-        ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(name, fontsize=9)
-    if multilabel:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    common.atomic_save_figure(path, fig)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- one pass over a data set
 
 def forward_all(model, loader, device, criterion=None, desc="eval"):
@@ -369,15 +262,6 @@ def forward_all(model, loader, device, criterion=None, desc="eval"):
     n = sum(len(r) for r in rows)
     return (torch.cat(outs).double().numpy(), torch.cat(labels).numpy(), torch.cat(rows).numpy(),
             loss_sum / n if criterion is not None else None)
-
-
-def is_transformer(model) -> bool:
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
-
-
-def to_probs(logits, multilabel):
-    t = torch.from_numpy(logits)
-    return (t.sigmoid() if multilabel else t.softmax(-1)).numpy()
 
 
 # ---------------------------------------------------------------- frozen-feature evaluations
@@ -425,17 +309,17 @@ def finetune_step(fwd, x, y, criterion, opt, device):
 
 def main(argv=None):
     args = get_args(argv)
-    device = common.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
-    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
-    runtime = (*common.RUNTIME_FLAGS, "keep_checkpoint")
-    out = common.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
+    device = distributed.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
+    config = dict(vars(args))
+    runtime = (*runs.RUNTIME_FLAGS, "keep_checkpoint")
+    out = runs.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
     if (out / "metrics.json").exists() and not args.force:
         print(f"{out} already holds a finished run (metrics.json); nothing to do "
               "(pass --force to run it again)")
         return
 
     # ---- data: labelled subset of the training split; validation and test whole
-    with common.main_first():  # rank 0 first: it writes the split file and the decoded cache
+    with distributed.main_first():  # rank 0 first: it writes the split file and the decoded cache
         table, split = load_data(args)
     gpu = use_gpu_aug(args, device, table)
     C = len(table.class_names)
@@ -465,8 +349,8 @@ def main(argv=None):
           f"{'ImageNet' if args.norm == 'paper' else mean_std} (--norm {args.norm})")
 
     # ---- output folder: written only now that the data and the start weights are known to be good
-    with common.main_first():
-        common.prepare_out_dir(out, config, args.force, ignore=runtime)
+    with distributed.main_first():
+        runs.prepare_out_dir(out, config, args.force, ignore=runtime)
         if args.force:
             (out / "metrics.json").unlink(missing_ok=True)
         write_skipped(out, table)
@@ -480,7 +364,7 @@ def main(argv=None):
 
     extra = {}
     if args.eval != "finetune":
-        if not common.is_main():  # frozen-feature evaluations are not distributed: rank 0 does them
+        if not distributed.is_main():  # frozen-feature evaluations are not distributed: rank 0 does them
             return
         model.reset_classifier(0)  # pooled features
         feat_loader = make_loader(eval_pipeline(table, rows, args.img_size, device, gpu)[0], args.bs,
@@ -498,7 +382,7 @@ def main(argv=None):
         t_total = 0.0
     else:
         res = train(args, out, model, table, rows, split, counts, device, test_loader, gpu)
-        if res is None:  # --stop-after-epoch (a simulated interruption), or not rank 0 of a torchrun
+        if res is None:  # not rank 0 of a torchrun
             return
         test_y, test_rows, probs = res["test_y"], res["test_rows"], res["probs"]
         best_epoch, epochs_run, t_total = res["best_epoch"], res["epochs_run"], res["seconds"]
@@ -530,8 +414,8 @@ def main(argv=None):
 
 def train(args, out, model, table, rows, split, counts, device, test_loader, gpu=False):
     """End-to-end fine-tuning with early stopping, then the test pass with the best validation
-    weights; returns a dict for main's metrics, or None after --stop-after-epoch (and on the
-    processes other than rank 0 of a torchrun: the test and the files are rank 0's).
+    weights; returns a dict for main's metrics, or None on the processes other than rank 0 of a
+    torchrun (the test and the files are rank 0's).
 
     Under torchrun the training batches are split over the processes (DDP, synchronised BatchNorm);
     every process evaluates the whole validation set and rank 0's validation loss decides."""
@@ -556,23 +440,23 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
                 "early_stopping": stopper.state_dict(), "best_state": best_state}
 
     start_epoch, partial = 0, None
-    ckpt = common.load_checkpoint(out)
+    ckpt = runs.load_checkpoint(out)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["early_stopping"])
         best_state = ckpt["best_state"]
-        start_epoch, partial = common.resume_point(out, ckpt)
-    log = common.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
+        start_epoch, partial = runs.resume_point(out, ckpt)
+    log = runs.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
-    signals, watch, faults = common.StopOnSignal(device), common.LossWatch(device), common.FaultInjection()
+    signals, watch = runs.StopOnSignal(device), runs.LossWatch(device)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         if stopper.should_stop:  # resumed after the stopping epoch's checkpoint
             epoch -= 1
             break
-        gen = common.seed_epoch(args.seed, epoch)
+        gen = runs.seed_epoch(args.seed, epoch)
         skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
                              generator=gen, device=device, shard=True, skip_batches=skip)
@@ -581,13 +465,13 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         sums = torch.zeros(2, device=device)  # loss sum, images
         lr = opt.param_groups[0]["lr"]  # the rate the epoch starts with
         if partial:  # the epoch a signal stopped: its sums so far, random streams and starting rate
-            done, spent = common.resume_mid_epoch(partial, device)
+            done, spent = runs.resume_mid_epoch(partial, device)
             sums = done.get("sums", sums)
             t0, lr, partial = t0 - spent, partial["lr"], None
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))
         for step, (x, y, _) in enumerate(bar, start=skip):
-            x, y = faults.batch(prepare(x), epoch, step), y.to(device, non_blocking=True)
+            x, y = prepare(x), y.to(device, non_blocking=True)
             loss = finetune_step(fwd, x, y, criterion, opt, device)
             watch.update(loss, step)
             if args.sched_step == "batch":
@@ -598,15 +482,15 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
                 watch.check(epoch, out)
             if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
                 watch.check(epoch, out)  # never save weights that a NaN has reached
-                common.save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums}, lr=lr)
+                runs.save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums}, lr=lr)
                 signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
         if args.sched_step == "epoch":
             sched.step()
         watch.check(epoch, out)
-        loss_sum, n = common.all_reduce_sum(sums).tolist()
+        loss_sum, n = distributed.all_reduce_sum(sums).tolist()
         train_loss = loss_sum / max(n, 1)
         logits, val_y, _, val_loss = forward_all(model, val_loader, device, criterion, desc="validation")
-        val_loss = common.broadcast_float(val_loss)  # every process takes rank 0's early-stopping decision
+        val_loss = distributed.broadcast_float(val_loss)  # every process takes rank 0's early-stopping decision
         val = compute_metrics(val_y, to_probs(logits, table.multilabel), table.class_names,
                               table.multilabel, args.threshold)
         if stopper.step(val_loss, epoch):
@@ -614,15 +498,12 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         seconds = time.perf_counter() - t0
         log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_f1_macro": val["f1_macro"],
                     "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "seconds": seconds})
-        common.save_checkpoint(out, {**train_state(), "epoch": epoch})
+        runs.save_checkpoint(out, {**train_state(), "epoch": epoch})
         mark = " *" if stopper.best_epoch == epoch else ""
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
                    f"val_f1_macro {val['f1_macro']:.4f} lr {lr:.2e} {seconds:.1f}s{mark}")
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch); rerun to resume")
-            return None
         if stopper.should_stop:
             print(f"early stopping: no lower validation loss for {args.patience} epochs "
                   f"(best {stopper.best:.4f} at epoch {stopper.best_epoch + 1})")
@@ -632,7 +513,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         raise UserError("no epoch was trained (--epochs 0?)")
 
     # ---- best validation weights for the test
-    if not common.is_main():
+    if not distributed.is_main():
         return None
     model.load_state_dict(best_state)
     save_weights(model, out / "best.safetensors")

@@ -3,18 +3,18 @@ batches with torch ops, so the data loader only reads uint8 images (from the dec
 and the CPU never runs PIL or ToTensor.
 
 Every image carries a fixed number of uniform random numbers drawn from its own seed
-(datasets.item_seed(epoch seed, row), in the loader's worker, `UInt8Dataset`); on the device they
+(loading.item_seed(epoch seed, row), in the loader's worker, `UInt8Dataset`); on the device they
 become per-sample parameters with the same distributions as the torchvision transforms of the CPU
 path (`cass_params`, `dino_crop_params`), then the transforms run batched:
 
-- CASS (datasets.cass_augment): Resize((s, s)) (bilinear, antialiased; a no-op on a cache of size s);
+- CASS (transforms.cass_augment): Resize((s, s)) (bilinear, antialiased; a no-op on a cache of size s);
   RandomApply([ColorJitter(0.2, 0.2, 0.2), RandomPerspective(0.2) (its own p=0.5)], p=0.3);
   RandomApply([ColorJitter(0.2, 0.2, 0.2), RandomAffine(10)], p=0.3); vertical and horizontal flips
   p=0.3; optional blur and solarisation (Table 9); normalisation. ColorJitter applies brightness,
   contrast and saturation in a per-sample random order, as torchvision does; the perspective warp is
   torchvision's (same corner distribution, same 8-coefficient homography, bilinear, black fill) and
   the rotation too (nearest, black fill), via grid_sample.
-- DINO (datasets.DinoMultiCrop): RandomResizedCrop (torchvision's 10-attempt sampling and fallback,
+- DINO (transforms.DinoMultiCrop): RandomResizedCrop (torchvision's 10-attempt sampling and fallback,
   scale and log-ratio ranges), resampled with roi_align (bilinear, averaged over ceil(crop/out)
   samples per output pixel, which antialiases like PIL's bicubic filter does, not identically),
   flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 in random order, grayscale 0.2, Gaussian blur
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD, item_seed
+from loading import ImageDataset, item_seed
+from transforms import IMAGENET_MEAN, IMAGENET_STD, DinoMultiCrop, cass_augment, eval_transform
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (PIL's L: 0.299, 0.587, 0.114)
 
@@ -278,7 +279,7 @@ def cass_params(u: torch.Tensor, h: int, w: int, probs=None) -> dict:
 
 
 class CassGpuAugment(Normalize):
-    """datasets.cass_augment(size, extra) on a batch: __call__(uint8 images, uniforms (B, 31))
+    """transforms.cass_augment(size, extra) on a batch: __call__(uint8 images, uniforms (B, 31))
     -> float (B, 3, size, size), normalised."""
 
     n_uniforms = CASS_UNIFORMS
@@ -361,11 +362,11 @@ def dino_crop_params(u: torch.Tensor, h: int, w: int, scale, blur_p, solar_p) ->
 
 
 class DinoGpuMultiCrop(Normalize):
-    """datasets.DinoMultiCrop on a batch: __call__(uint8 images (B, H, W, 3), uniforms (B, (2 + n_local)
+    """transforms.DinoMultiCrop on a batch: __call__(uint8 images (B, H, W, 3), uniforms (B, (2 + n_local)
     * 54), then optionally each image's source (height, width)) -> list of 2 + n_local float tensors
     (B, 3, size, size), crop-major like the CPU path's collated lists (global 1, global 2, local 1, ...).
     With source sizes (the decoded cache's, see UInt8Dataset) the crop boxes are drawn in the source
-    geometry and mapped onto the stretched square, as datasets.SourceCrop does."""
+    geometry and mapped onto the stretched square, as transforms.SourceCrop does."""
 
     wants_source_size = True
 
@@ -419,7 +420,7 @@ class DinoGpuMultiCrop(Normalize):
 class UInt8Dataset(torch.utils.data.Dataset):
     """Rows of an array-backed table (the decoded cache, synthetic, medmnist) as
     ((uint8 H x W x C tensor, k uniforms), label, row): no decoding, no ToTensor. With EpochSampler's
-    (epoch_seed, i) keys the uniforms come from datasets.item_seed(epoch_seed, row). For a transform
+    (epoch_seed, i) keys the uniforms come from loading.item_seed(epoch_seed, row). For a transform
     with wants_source_size (DINO's crops) and a decoded cache, the row's source (height, width)
     follows the k uniforms."""
 
@@ -484,14 +485,12 @@ def _with_prepare(ds, device):
 def cass_pipeline(table, rows, img_size, extra, device, gpu: bool):
     """(dataset, prepare): the CASS training view, with prepare(batch from the loader) -> model input
     on `device`. gpu=False: ImageDataset + cass_augment (PIL in the loader's workers)."""
-    from datasets import ImageDataset, cass_augment
     if gpu:
         return _with_prepare(UInt8Dataset(table, rows, CassGpuAugment(img_size, extra)), device)
     return _with_prepare(ImageDataset(table, rows, cass_augment(img_size, extra)), device)
 
 
 def eval_pipeline(table, rows, img_size, device, gpu: bool):
-    from datasets import ImageDataset, eval_transform
     if gpu:
         return _with_prepare(UInt8Dataset(table, rows, Normalize(img_size)), device)
     return _with_prepare(ImageDataset(table, rows, eval_transform(img_size)), device)
@@ -499,74 +498,8 @@ def eval_pipeline(table, rows, img_size, device, gpu: bool):
 
 def dino_pipeline(table, rows, args, device, gpu: bool):
     """(dataset, prepare) for DINO: prepare(batch) -> list of 2 + local_crops device tensors."""
-    from datasets import DinoMultiCrop, ImageDataset
     if gpu:
         aug = DinoGpuMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
         return _with_prepare(UInt8Dataset(table, rows, aug), device)
     tf = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
     return _with_prepare(ImageDataset(table, rows, tf), device)
-
-
-# ---------------------------------------------------------------- the CPU path's draws, for the tests
-
-def record_cass_cpu_params(n: int, size: int = 32, seed: int = 0) -> dict:
-    """Run the real CPU chain datasets.cass_augment(size) n times on a size x size image and record
-    the parameters torchvision draws (spies on its get_params and flips; the chain itself unchanged).
-    Returns tensors over the n runs in cass_params' naming."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image
-
-    from datasets import cass_augment
-    tf = cass_augment(size)
-    apply1, apply2 = tf.transforms[1], tf.transforms[2]
-    rec = {}
-
-    def spy(obj, key):
-        orig = type(obj).get_params
-
-        def get_params(*a):
-            out = orig(*a)
-            rec[key] = out
-            return out
-        obj.get_params = get_params
-
-    spy(apply1.transforms[0], "j1")
-    spy(apply1.transforms[1], "persp")
-    spy(apply2.transforms[0], "j2")
-    spy(apply2.transforms[1], "affine")
-    flips = {}
-    vflip, hflip = TF.vflip, TF.hflip
-
-    def spy_v(img):
-        flips["v"] = True
-        return vflip(img)
-
-    def spy_h(img):
-        flips["h"] = True
-        return hflip(img)
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    out = {k: [] for k in ("apply1", "persp", "apply2", "vflip", "hflip", "order1", "f1", "order2", "f2",
-                           "angle", "endpoints")}
-    torch.manual_seed(seed)
-    TF.vflip, TF.hflip = spy_v, spy_h
-    try:
-        for _ in range(n):
-            rec.clear(), flips.clear()
-            tf(img)
-            out["apply1"].append("j1" in rec)
-            out["persp"].append("persp" in rec)
-            out["apply2"].append("j2" in rec)
-            out["vflip"].append("v" in flips)
-            out["hflip"].append("h" in flips)
-            for k in ("1", "2"):
-                if "j" + k in rec:
-                    fn_idx, b, c, s, _ = rec["j" + k]
-                    out["order" + k].append(fn_idx.tolist())
-                    out["f" + k].append([b, c, s])
-            if "affine" in rec:
-                out["angle"].append(rec["affine"][0])
-            if "persp" in rec:
-                out["endpoints"].append(rec["persp"][1])
-    finally:
-        TF.vflip, TF.hflip = vflip, hflip
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed import all_reduce_sum, world_size
+
 # ---------------------------------------------------------------- CASS (Equation 1, Algorithm 1)
 
 # Algorithm 1 writes the noise as N(1e-6, 1e-9) for the CNN and N(1e-10, 1e-15) for the
@@ -213,10 +215,7 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output):
         """Under torch.distributed the batch mean is over every process's teacher outputs (one
         all-reduce, as official DINO), so the centre stays the same on every process."""
-        batch_center = teacher_output.float().sum(0, keepdim=True)
-        n = len(teacher_output)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
-            n *= torch.distributed.get_world_size()
+        batch_center = all_reduce_sum(teacher_output.float().sum(0, keepdim=True))
+        n = len(teacher_output) * world_size()
         batch_center = batch_center / n
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

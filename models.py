@@ -8,10 +8,12 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from common import UserError, atomic_save_safetensors, load_error_reason
+from distributed import world_size
 
 
 def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,
@@ -181,6 +183,11 @@ def norm_of_weights(path) -> str:
         return "paper"
 
 
+def is_transformer(model: nn.Module) -> bool:
+    """A ViT-like timm model (patch embedding, blocks), as opposed to a CNN (channels_last on CUDA)."""
+    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -199,8 +206,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, x):
-        import torch.distributed as dist
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
@@ -227,8 +233,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Under torch.distributed, BatchNorm layers computing their statistics over the global batch
     (nn.SyncBatchNorm on CUDA, CpuSyncBatchNorm on the CPU); a no-op in a single process. The
     parameters and buffers are kept (the same tensors), so optimisers may be built before or after."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return model
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -252,8 +257,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` under torch.distributed (gradients averaged over the
     processes in the backward pass); the model itself in a single process."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None

@@ -99,7 +99,8 @@ class Monitor:
     continues exactly as it would without the monitor."""
 
     def __init__(self, table, split, img_size, device, n_bank=512, n_val=256, k=20, seed=0, bs=128):
-        from datasets import ImageDataset, eval_transform
+        from loading import ImageDataset
+        from transforms import eval_transform
         rng = np.random.default_rng(seed)
         train, val = np.asarray(split["train"]), np.asarray(split.get("val", []))
         bank = np.sort(rng.permutation(train)[:n_bank])
@@ -230,7 +231,8 @@ def plot_run(run_dir, out_png=None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common import atomic_save_figure, read_csv_log
+    from common import atomic_save_figure
+    from runs import read_csv_log
     run_dir = Path(run_dir)
     rows = read_csv_log(run_dir / "log.csv")
     if not rows:

@@ -19,16 +19,18 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    atomic_save_safetensors, atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint,
-                    main_first, pick_device, prepare_out_dir, resume_mid_epoch, resume_point, run_cli,
-                    save_checkpoint, save_mid_epoch, seed_epoch, seed_everything, setup_distributed, world_size)
-from datasets import load_data, make_loader, write_skipped
+from common import (UserError, add_common_args, atomic_save_safetensors, atomic_write_json, autocast, pick_device,
+                    run_cli, seed_everything)
+from datasets import load_data, write_skipped
+from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from gpu_aug import cass_pipeline, use_gpu_aug
+from loading import make_loader
 from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
+                  resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
 
 
 def get_args(argv=None):
@@ -92,7 +94,6 @@ def get_args(argv=None):
                         "(VICReg's 1 / 25)")
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
-    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     add_monitor_args(p)
     args = p.parse_args(argv)
     args.extra_aug = tuple(a for a in args.extra_aug.split(",") if a)
@@ -140,7 +141,7 @@ def main(argv=None):
     args = get_args(argv)
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
 
-    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
     # ---- data: the training split only (Appendix C.5.1)
@@ -222,7 +223,7 @@ def main(argv=None):
           f"{'ImageNet normalisation' if args.norm == 'paper' else f'normalisation per arm {norms}'}, output {out}")
 
     t_run = time.perf_counter()
-    signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()
+    signals, watch = StopOnSignal(device), LossWatch(device)
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
         skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
@@ -239,7 +240,7 @@ def main(argv=None):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (x, _, _) in enumerate(bar, start=skip):
-            x = faults.batch(prepare(x), epoch, step)  # prepare: to the device; --gpu-aug: augmented there
+            x = prepare(x)  # prepare: to the device; --gpu-aug: augmented there
             loss, fired, r, t = cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device)
             watch.update(loss, step)
             if args.sched_unit == "step":
@@ -283,9 +284,6 @@ def main(argv=None):
                    + (f" | {monitor_line(row)}" if monitor is not None else ""))
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
-            return
 
     # ---- final weights: SWA averages (BatchNorm statistics recomputed) and the last raw weights
     save_weights(cnn, out / "cnn_last.safetensors")

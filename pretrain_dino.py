@@ -7,7 +7,7 @@ output (Caron et al., 2021). Defaults follow the official implementation (facebo
 main_dino.py), as the paper says its DINO runs did, with one exception that keeps the comparison with
 CASS fair: the global crops are 384 px, the size CASS pretrains at and finetune.py fine-tunes at
 (official: 224; --img-size 224 gives it). Multi-crop 2 x 384 px + 8 x 96 px, cut in each image's own
-aspect ratio (also from the square decoded cache, see datasets.SourceCrop), a projection head of 65536
+aspect ratio (also from the square decoded cache, see transforms.SourceCrop), a projection head of 65536
 outputs, AdamW at 5e-4 x batch / 256 with 10 warm-up epochs and cosine decay, weight
 decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperature 0.04, centre momentum 0.9,
 last layer frozen for the first epoch, per-parameter gradient clipping at 3.0. Batch 16 and 100
@@ -36,15 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (CsvLog, FaultInjection, LossWatch, StopOnSignal, UserError, add_common_args, all_reduce_sum,
-                    atomic_write_json, autocast, check_out_dir, is_main, load_checkpoint, main_first, pick_device,
-                    prepare_out_dir, resume_mid_epoch, resume_point, run_cli, save_checkpoint, save_mid_epoch,
-                    seed_epoch, seed_everything, setup_distributed, world_size)
-from datasets import dino_cache_size, load_data, load_table, make_loader, write_skipped
+from common import UserError, add_common_args, atomic_write_json, autocast, pick_device, run_cli, seed_everything
+from datasets import load_data, load_table, write_skipped
+from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from gpu_aug import dino_pipeline, use_gpu_aug
+from images import dino_cache_size
+from loading import make_loader
 from losses import DINOLoss
-from models import NORMS, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm, wrap_ddp
+from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
+                    wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
+                  resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
 
 
 def get_args(argv=None):
@@ -126,7 +129,6 @@ def get_args(argv=None):
                         "to 32: 448 px at 224 / 96 px; 608 px at 384 px. Only the training split is cached)")
     g.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (smoke tests and quick looks)")
-    g.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated kill
     add_monitor_args(p)
     args = p.parse_args(argv)
     if args.out is None:
@@ -229,10 +231,6 @@ def create_dino_backbone(arch, init, img_size, **kwargs):
         return create_backbone(arch, init, num_classes=0, img_size=img_size, **kwargs)
     except TypeError as e:
         raise UserError(f"--arch {arch}: {e}") from None
-
-
-def is_transformer(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
 
 
 def build_models(args, device):
@@ -358,7 +356,7 @@ def is_cnn_input(model):
 def main(argv=None):
     args = get_args(argv)
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
-    config = {k: v for k, v in vars(args).items() if k != "stop_after_epoch"}
+    config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
     # ---- data: the training split only (Appendix C.5.1), decoded once at a size the crops can cut from
@@ -428,7 +426,7 @@ def main(argv=None):
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)
-    signals, watch, faults = StopOnSignal(device), LossWatch(device), FaultInjection()
+    signals, watch = StopOnSignal(device), LossWatch(device)
     hint = "try a lower --lr, a higher --momentum-teacher or --clip-grad"
     for epoch in range(start_epoch, args.epochs):
         gen = seed_epoch(args.seed, epoch)
@@ -447,7 +445,7 @@ def main(argv=None):
                    initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
         for step, (crops, _, _) in enumerate(bar, start=skip):
             it = epoch * steps_per_epoch + step  # global iteration
-            crops = faults.batch(prepare(crops), epoch, step)  # to the device; --gpu-aug: cut and augmented there
+            crops = prepare(crops)  # to the device; --gpu-aug: cut and augmented there
             loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
@@ -487,9 +485,6 @@ def main(argv=None):
                    + (f" | {monitor_line(row)}" if monitor is not None else ""))
         if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
             signals.stop(out, f"epoch {epoch + 1}")
-        if args.stop_after_epoch and epoch + 1 == args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked (--stop-after-epoch)")
-            return
 
     # ---- final weights: the teacher's backbone (what DINO evaluates) and the student's
     save_weights(teacher.backbone, out / "backbone.safetensors")

@@ -799,8 +799,9 @@ def _worker_init(threads: int):
 
 def run_in_worker(argv: list, log_path) -> int:
     """Run one job, `python SCRIPT ARGS...`, as SCRIPT's main(ARGS) in this process, its output appended
-    to log_path (None: the terminal). Returns the exit status the command line would have had (a
-    UserError is printed as one line and gives 2, as common.run_cli does)."""
+    to log_path (None: the terminal). Returns the exit status the command line would have had, with
+    the same one-line messages (common.exit_status, as common.run_cli: a UserError gives 2, a stop on a
+    signal 128 + its number, running out of memory 3)."""
     import contextlib
     import gc
     import importlib
@@ -808,7 +809,7 @@ def run_in_worker(argv: list, log_path) -> int:
 
     import signal
 
-    from common import Interrupted, UserError
+    from common import exit_status
     with contextlib.ExitStack() as stack:
         if log_path:
             f = stack.enter_context(open(log_path, "a", buffering=1))
@@ -816,17 +817,16 @@ def run_in_worker(argv: list, log_path) -> int:
             stack.enter_context(contextlib.redirect_stderr(f))
         try:
             rc = importlib.import_module(Path(argv[0]).stem).main(argv[1:]) or 0
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            rc = 2
-        except Interrupted as e:  # Ctrl-C / SIGTERM: the run saved its checkpoint (common.StopOnSignal)
-            print(f"stopped: {e}", file=sys.stderr)
-            rc = 128 + e.signum
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except Exception:
-            traceback.print_exc()
-            rc = 1
+        except Exception as e:  # (a stop on Ctrl-C / SIGTERM comes after the run saved its checkpoint)
+            status = exit_status(e, argv[1:])
+            if status is None:
+                traceback.print_exc()
+                rc = 1
+            else:
+                rc, line = status
+                print(line, file=sys.stderr)
         finally:  # the next job in this worker starts with the usual signal behaviour
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

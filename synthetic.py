@@ -407,12 +407,19 @@ def render_image(rng: np.random.Generator, size: int, cell_types, minor_types=()
 # ---------------------------------------------------------------------------------------------
 # Data set files.
 
+def largest_remainder(want, total: int) -> np.ndarray:
+    """Integer counts summing to `total`, as close to the real numbers `want` (which sum to it) as
+    possible: each is floor(want) or one more, the extra ones going to the largest fractional parts
+    (ties: the first). Also the split's allocation within each stratum (datasets.stratified_partition)."""
+    want = np.asarray(want, dtype=np.float64)
+    counts = np.floor(want).astype(np.int64)
+    counts[np.argsort(-(want - counts), kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
 def _exact_counts(n, proportions):
     """Integer counts summing to n, as close to n * proportions as possible (largest remainder)."""
-    raw = np.asarray(proportions) * n / np.sum(proportions)
-    counts = np.floor(raw).astype(np.int64)
-    counts[np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]] += 1
-    return counts
+    return largest_remainder(np.asarray(proportions) * n / np.sum(proportions), n)
 
 
 def _draw_labels(rng, multilabel, n):

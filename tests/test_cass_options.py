@@ -7,10 +7,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import run_script
 from losses import CASSLoss, cass_loss, covariance_penalty, predictor_loss, variance_hinge
 from models import CassArm, MLPHead
+from runs import read_csv_log
 
 
 def d_np(a, b):
@@ -113,7 +113,7 @@ def test_each_option_runs_and_its_weights_fine_tune(tmp_path, name):
 def test_an_option_run_resumes_bit_identically(tmp_path):
     args = [*SMALL, *OPTIONS["proj_pred"], "--no-monitor"]
     run_script("pretrain_cass.py", *args, "--out", "straight", cwd=tmp_path)
-    run_script("pretrain_cass.py", *args, "--out", "resumed", "--stop-after-epoch", "1", cwd=tmp_path)
+    run_script("pretrain_cass.py", *args, "--out", "resumed", cwd=tmp_path, stop_after_epoch=1)
     run_script("pretrain_cass.py", *args, "--out", "resumed", cwd=tmp_path)
     for f in ("cnn.safetensors", "vit.safetensors", "heads.safetensors"):
         a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "resumed" / f)

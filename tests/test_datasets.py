@@ -6,6 +6,9 @@ import torch
 from PIL import Image
 
 import datasets as D
+import images as IM
+import loading as LD
+import transforms as TR
 from common import UserError
 
 
@@ -85,7 +88,7 @@ def test_multilabel_csv_with_tiff_images(tmp_path):
     t = D.load_table("autoimmune", tmp_path / "labels.csv")
     assert t.multilabel and t.class_names == ["TFH-1", "TFH-217", "B cells"]
     assert t.labels.tolist() == labels
-    img = D.ImageDataset(t, [0], D.eval_transform(16)).image(0)
+    img = LD.ImageDataset(t, [0], TR.eval_transform(16)).image(0)
     assert img.mode == "RGB" and img.size == (47, 35)
 
 
@@ -123,19 +126,19 @@ def test_medmnist_npz(tmp_path, multilabel):
     assert t.multilabel == multilabel and len(t) == 30
     split = D.get_split(t, tmp_path / "s.json")
     assert [len(split[k]) for k in ("train", "val", "test")] == [20, 4, 6]
-    x, y, row = D.ImageDataset(t, split["test"], D.eval_transform(16))[0]
+    x, y, row = LD.ImageDataset(t, split["test"], TR.eval_transform(16))[0]
     assert x.shape == (3, 16, 16) and row == 24
 
 
 def test_image_modes_become_rgb(tmp_path):
     gray = save_png(tmp_path / "g.png", value=77, mode="L")
-    assert np.asarray(D.load_rgb(gray))[0, 0].tolist() == [77, 77, 77]
+    assert np.asarray(IM.load_rgb(gray))[0, 0].tolist() == [77, 77, 77]
     rgba = tmp_path / "a.png"
     Image.new("RGBA", (4, 4), (200, 100, 50, 0)).save(rgba)  # fully transparent: composited on black
-    assert np.asarray(D.load_rgb(rgba))[0, 0].tolist() == [0, 0, 0]
+    assert np.asarray(IM.load_rgb(rgba))[0, 0].tolist() == [0, 0, 0]
     t16 = tmp_path / "d.tif"
     Image.fromarray(np.array([[1000, 3000], [5000, 1000]], dtype=np.uint16)).save(t16)
-    a = np.asarray(D.load_rgb(t16))
+    a = np.asarray(IM.load_rgb(t16))
     assert a.dtype == np.uint8 and a.shape == (2, 2, 3)
     assert a[:, :, 0].tolist() == [[0, 128], [255, 0]]  # stretched from its own min..max
 
@@ -144,7 +147,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(UserError, match="broken.jpg"):
-        D.load_rgb(bad)
+        IM.load_rgb(bad)
 
 
 def test_unknown_name_and_missing_root(tmp_path):
@@ -227,19 +230,19 @@ def test_default_split_file_depends_on_the_data():
 
 def test_cass_augment_and_eval_transform():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    x = D.cass_augment(32)(img)
+    x = TR.cass_augment(32)(img)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    e1, e2 = D.eval_transform(32)(img), D.eval_transform(32)(img)
+    e1, e2 = TR.eval_transform(32)(img), TR.eval_transform(32)(img)
     assert torch.equal(e1, e2)
     torch.manual_seed(0)
-    views = [D.cass_augment(32, ("blur", "solarize"))(img) for _ in range(8)]
+    views = [TR.cass_augment(32, ("blur", "solarize"))(img) for _ in range(8)]
     assert any(not torch.equal(v, e1) for v in views)
     with pytest.raises(UserError, match="unknown augmentation"):
-        D.cass_augment(32, ("mixup",))
+        TR.cass_augment(32, ("mixup",))
 
 
 def test_cass_augment_is_the_papers_chain():
-    ops = D.cass_augment(384).transforms
+    ops = TR.cass_augment(384).transforms
     names = [type(o).__name__ for o in ops]
     assert names == ["Resize", "RandomApply", "RandomApply", "RandomVerticalFlip", "RandomHorizontalFlip",
                      "ToTensor", "Normalize"]
@@ -248,7 +251,7 @@ def test_cass_augment_is_the_papers_chain():
     assert [type(o).__name__ for o in ops[2].transforms] == ["ColorJitter", "RandomAffine"]
     assert ops[1].p == ops[2].p == 0.3 and ops[3].p == ops[4].p == 0.3
     assert ops[1].transforms[1].distortion_scale == 0.2 and ops[2].transforms[1].degrees == [-10.0, 10.0]
-    assert ops[-1].mean == D.IMAGENET_MEAN and ops[-1].std == D.IMAGENET_STD
+    assert ops[-1].mean == TR.IMAGENET_MEAN and ops[-1].std == TR.IMAGENET_STD
 
 
 def test_synthetic_tables_load():

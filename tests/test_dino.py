@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from common import read_csv_log
 from conftest import ROOT, run_script
-from datasets import DinoMultiCrop
 from losses import DINOLoss, teacher_temp_schedule
 from models import load_weights
 from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler,
                            ema_update, make_optimizer, param_groups, train_step)
+from runs import read_csv_log
+from transforms import DinoMultiCrop
 
 CPU = torch.device("cpu")
 
@@ -297,8 +297,9 @@ SMALL = ["--data", "synthetic", "--init", "random", "--img-size", "32", "--local
          "--out-dim", "1024", "--hidden-dim", "256", "--bottleneck-dim", "64"]  # a small head: fast on CPU
 
 
-def dino(tmp_path, out, *extra, check=True):
-    return run_script("pretrain_dino.py", *SMALL, "--out", out, *extra, cwd=tmp_path, check=check)
+def dino(tmp_path, out, *extra, check=True, stop_after_epoch=None):
+    return run_script("pretrain_dino.py", *SMALL, "--out", out, *extra, cwd=tmp_path, check=check,
+                      stop_after_epoch=stop_after_epoch)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +308,7 @@ def resnet_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dino")
     args = ["--arch", "resnet18", "--epochs", "2"]
     straight = dino(tmp, "straight", *args)
-    dino(tmp, "resumed", *args, "--stop-after-epoch", "1")
+    dino(tmp, "resumed", *args, stop_after_epoch=1)
     stopped_early = not (tmp / "resumed" / "backbone.safetensors").exists()
     resumed = dino(tmp, "resumed", *args)
     return tmp, straight, resumed, stopped_early

@@ -11,8 +11,11 @@ import finetune
 import pretrain_cass
 import pretrain_dino
 import run_all as RA
-from datasets import ImageDataset, ImageTable, SourceCrop, cached_table
+from datasets import ImageTable
 from gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
+from images import cached_table
+from loading import ImageDataset
+from transforms import SourceCrop
 
 
 def smooth_image(w, h):

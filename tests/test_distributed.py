@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
-from conftest import ROOT, run_script
+from conftest import HOOKS, ROOT, run_script
+from runs import read_csv_log
 
 ARGS = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
         "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "32",
@@ -140,7 +140,7 @@ def test_sigterm_under_torchrun_saves_once_and_the_rerun_ends_like_the_uninterru
     tmp, _ = runs
     env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "pretrain_cass.py"), *ARGS, "--out", "stopped"]
+           str(HOOKS), str(ROOT / "pretrain_cass.py"), *ARGS, "--out", "stopped"]  # the hooks: the fault
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     assert proc.stderr.count("stopped: SIGTERM after epoch 2 step 1: checkpoint saved in stopped") == 2

@@ -2,9 +2,9 @@
 damaged checkpoints, NaN losses and out-of-memory errors. Every interrupted run, started again with
 the same command, must end exactly where an uninterrupted run ends (CPU, deterministic settings).
 
-Faults a tiny run cannot meet by itself are injected with CASS_INJECT_FAULT=KIND@EPOCH.STEP
-(common.FaultInjection): the process then sends itself the signal, gets a NaN batch or an
-out-of-memory error at that step, or is killed in the middle of writing its checkpoint. Bad input
+Faults a tiny run cannot meet by itself are injected with CASS_INJECT_FAULT=KIND@EPOCH.STEP, the
+script started through tests/run_with_hooks.py: the process then sends itself the signal, gets a NaN
+batch or an out-of-memory error at that step, or is killed in the middle of writing its checkpoint. Bad input
 (data, CSVs, weight files, output folders) is in test_bad_input.py."""
 
 import json
@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
-from conftest import ROOT, run_script
+from conftest import HOOKS, ROOT, run_script
+from runs import read_csv_log
 
 TINY = {
     "pretrain_cass.py": (["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224",
@@ -52,10 +52,15 @@ def straight(tmp_path_factory):
     return get
 
 
-def run(script, out, cwd, fault=None, extra=()):
+def run(script, out, cwd, fault=None, extra=(), stop_after_epoch=None):
+    """The tiny run of `script`; with a fault (CASS_INJECT_FAULT) or stop_after_epoch, started through
+    tests/run_with_hooks.py, which installs those hooks."""
     env = {**os.environ, **({"CASS_INJECT_FAULT": fault} if fault else {})}
     env.pop("CASS_DEBUG", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *TINY[script][0], *extra, "--out", out],
+    hooks = [str(HOOKS)] if fault or stop_after_epoch else []
+    if stop_after_epoch:
+        hooks += ["--stop-after-epoch", str(stop_after_epoch)]
+    return subprocess.run([sys.executable, *hooks, str(ROOT / script), *TINY[script][0], *extra, "--out", out],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -185,7 +190,7 @@ def test_a_crash_while_writing_the_checkpoint_keeps_the_previous_one(tmp_path, s
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, straight):
     script = "pretrain_cass.py"
     out = tmp_path / "cut"
-    assert run(script, "cut", tmp_path, extra=["--stop-after-epoch", "2"]).returncode == 0
+    assert run(script, "cut", tmp_path, stop_after_epoch=2).returncode == 0
     data = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 3])  # a disk fault, not our write
     again = run(script, "cut", tmp_path)
@@ -208,7 +213,7 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
     with nothing readable the run stops with one line rather than overwrite the folder's results."""
     script = "finetune.py"
     out = tmp_path / "evil"
-    assert run(script, "evil", tmp_path, extra=["--stop-after-epoch", "1"]).returncode == 0
+    assert run(script, "evil", tmp_path, stop_after_epoch=1).returncode == 0
     marker = tmp_path / "pwned"
     with open(out / "checkpoint.pt", "wb") as f:
         pickle.dump({"epoch": _Evil(str(marker))}, f)
@@ -262,7 +267,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, script):
 @pytest.mark.parametrize("world,drop", [(1, None), (2, None), (3, None), (2, 8)])
 def test_a_resumed_epoch_yields_exactly_the_items_it_had_left(world, drop):
     """EpochSampler with start=k*b: each process's remaining items are the tail of its full order."""
-    from datasets import EpochSampler
+    from loading import EpochSampler
     for rank in range(world):
         full, part = EpochSampler(37, True, drop_multiple=drop), EpochSampler(37, True, drop_multiple=drop)
         for s in (full, part):

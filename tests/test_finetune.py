@@ -25,6 +25,7 @@ import finetune as FT
 import models
 from common import UserError
 from conftest import run_script
+from run_with_hooks import stop_after_epoch
 
 FOLDER_COUNTS = {"alpha": 30, "beta": 20, "gamma": 14}  # imbalanced, each class has val and test images
 TINY = ["--arch", "test_resnet", "--init", "random", "--img-size", "32", "--bs", "16", "--workers", "0"]
@@ -428,7 +429,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(folder_data, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     common_args = ["--data", "folder", "--data-root", str(folder_data), *TINY, "--epochs", "3", "--patience", "0"]
     FT.main(common_args + ["--out", "whole"])
-    FT.main(common_args + ["--out", "cut", "--stop-after-epoch", "1"])
+    with stop_after_epoch(1):  # a run killed after epoch 1 (tests/run_with_hooks.py)
+        FT.main(common_args + ["--out", "cut"])
     assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
     capsys.readouterr()
     FT.main(common_args + ["--out", "cut"])

@@ -16,14 +16,76 @@ from torchvision import transforms as T
 
 import datasets as D
 import gpu_aug as G
+import images as IM
+import loading as LD
+import transforms as TR
 
 N = 2000
 
 
+def record_cass_cpu_params(n: int, size: int = 32, seed: int = 0) -> dict:
+    """Run the real CPU chain datasets.cass_augment(size) n times on a size x size image and record
+    the parameters torchvision draws (spies on its get_params and flips; the chain itself unchanged).
+    Returns tensors over the n runs in gpu_aug.cass_params' naming."""
+    tf = TR.cass_augment(size)
+    apply1, apply2 = tf.transforms[1], tf.transforms[2]
+    rec = {}
+
+    def spy(obj, key):
+        orig = type(obj).get_params
+
+        def get_params(*a):
+            out = orig(*a)
+            rec[key] = out
+            return out
+        obj.get_params = get_params
+
+    spy(apply1.transforms[0], "j1")
+    spy(apply1.transforms[1], "persp")
+    spy(apply2.transforms[0], "j2")
+    spy(apply2.transforms[1], "affine")
+    flips = {}
+    vflip, hflip = TF.vflip, TF.hflip
+
+    def spy_v(img):
+        flips["v"] = True
+        return vflip(img)
+
+    def spy_h(img):
+        flips["h"] = True
+        return hflip(img)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    out = {k: [] for k in ("apply1", "persp", "apply2", "vflip", "hflip", "order1", "f1", "order2", "f2",
+                           "angle", "endpoints")}
+    torch.manual_seed(seed)
+    TF.vflip, TF.hflip = spy_v, spy_h
+    try:
+        for _ in range(n):
+            rec.clear(), flips.clear()
+            tf(img)
+            out["apply1"].append("j1" in rec)
+            out["persp"].append("persp" in rec)
+            out["apply2"].append("j2" in rec)
+            out["vflip"].append("v" in flips)
+            out["hflip"].append("h" in flips)
+            for k in ("1", "2"):
+                if "j" + k in rec:
+                    fn_idx, b, c, s, _ = rec["j" + k]
+                    out["order" + k].append(fn_idx.tolist())
+                    out["f" + k].append([b, c, s])
+            if "affine" in rec:
+                out["angle"].append(rec["affine"][0])
+            if "persp" in rec:
+                out["endpoints"].append(rec["persp"][1])
+    finally:
+        TF.vflip, TF.hflip = vflip, hflip
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
 @pytest.fixture(scope="module")
 def draws():
-    cpu = G.record_cass_cpu_params(N, size=32, seed=0)
-    u = torch.stack([G.uniforms(D.item_seed(7, i), G.CASS_UNIFORMS) for i in range(N)])
+    cpu = record_cass_cpu_params(N, size=32, seed=0)
+    u = torch.stack([G.uniforms(LD.item_seed(7, i), G.CASS_UNIFORMS) for i in range(N)])
     dev = G.cass_params(u, 32, 32)
     return cpu, dev
 
@@ -101,7 +163,7 @@ def test_identity_when_every_probability_is_zero():
     out = G.CassGpuAugment(32, extra=("blur", "solarize"), probs=zero)(imgs, u)
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     # exactly ToTensor + Normalize (ImageNet statistics) of the same images, as the CPU eval transform
-    ref = torch.stack([D.eval_transform(32)(D.array_to_rgb(a)) for a in imgs.numpy()])
+    ref = torch.stack([TR.eval_transform(32)(IM.array_to_rgb(a)) for a in imgs.numpy()])
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.equal(out, G.Normalize(32)(imgs))
 
@@ -112,8 +174,8 @@ def test_every_operation_applied_keeps_shape_range_and_normalisation():
     one = dict(apply1=1, persp=1, apply2=1, vflip=1, hflip=1, blur=1, solar=1)
     out = G.CassGpuAugment(32, extra=("blur", "solarize"), probs=one)(imgs, u)  # also resizes 40 -> 32
     assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
-    mean = torch.tensor(D.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(D.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(TR.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(TR.IMAGENET_STD).view(1, 3, 1, 1)
     pix = out * std + mean  # back to [0, 1]
     assert pix.min() >= -1e-5 and pix.max() <= 1 + 1e-5
     # grayscale input: also handled (channel repeated)
@@ -160,7 +222,7 @@ def test_uint8_dataset_is_seeded_by_epoch_and_row():
     (img, u), y, row = ds[(3, 0)]
     assert img.dtype == torch.uint8 and img.shape == (8, 8, 3) and row == 4 and int(y) == 0
     assert torch.equal(img, torch.from_numpy(table.array[4]))
-    assert torch.equal(u, G.uniforms(D.item_seed(3, 4), G.CASS_UNIFORMS))
+    assert torch.equal(u, G.uniforms(LD.item_seed(3, 4), G.CASS_UNIFORMS))
     assert torch.equal(ds[(3, 0)][0][1], u) and not torch.equal(ds[(4, 0)][0][1], u)
 
 
@@ -202,8 +264,8 @@ def test_training_vits_use_fused_attention():
 
 # ---------------------------------------------------------------- the composed chain vs the CPU chain
 
-PIX_MEAN = torch.tensor(D.IMAGENET_MEAN).view(1, 3, 1, 1)
-PIX_STD = torch.tensor(D.IMAGENET_STD).view(1, 3, 1, 1)
+PIX_MEAN = torch.tensor(TR.IMAGENET_MEAN).view(1, 3, 1, 1)
+PIX_STD = torch.tensor(TR.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def _textured(h, w):
@@ -221,11 +283,11 @@ def _textured(h, w):
 def _cpu_chain_runs(img, size, n, seed, extra=(), p_apply=None):
     """Run the real CPU chain datasets.cass_augment(size, extra) n times on `img` (uint8 H x W x 3)
     and return, per run, (the parameters torchvision drew, the output in [0, 1]). Like
-    gpu_aug.record_cass_cpu_params it spies on the transforms' get_params and on the flip (and
+    record_cass_cpu_params it spies on the transforms' get_params and on the flip (and
     solarize) functions without changing the chain, but it keeps each run's draws and output together
     and can force both RandomApply groups and the perspective (p_apply: their probability, the
     perspective's then 1) so that every run exercises the whole chain."""
-    tf = D.cass_augment(size, extra)
+    tf = TR.cass_augment(size, extra)
     ops = tf.transforms
     group1, group2 = ops[1], ops[2]
     if p_apply is not None:
@@ -361,10 +423,10 @@ def test_output_distribution_matches_the_cpu_chain():
     alike: per-image colour statistics, per-channel pixel mean and std, and the mean image."""
     n, size = 1500, 32
     img = _textured(size, size)
-    tf, pil = D.cass_augment(size), Image.fromarray(img)
+    tf, pil = TR.cass_augment(size), Image.fromarray(img)
     torch.manual_seed(0)
     cpu = torch.stack([tf(pil) for _ in range(n)]) * PIX_STD + PIX_MEAN
-    u = torch.stack([G.uniforms(D.item_seed(100, i), G.CASS_UNIFORMS) for i in range(n)])
+    u = torch.stack([G.uniforms(LD.item_seed(100, i), G.CASS_UNIFORMS) for i in range(n)])
     gpu = _gpu_chain(img, size, u)
     cpu, gpu = cpu.double(), gpu.double()
     # per output image: channel means (brightness, the perspective/rotation's black fill) and channel

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from sklearn.neighbors import KNeighborsClassifier
 
 import monitors as M
-from common import read_csv_log
 from conftest import run_script
+from runs import read_csv_log
 
 
 def test_effective_rank_of_a_rank_k_matrix_is_k():

@@ -5,15 +5,16 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common import read_csv_log
 from conftest import run_script
+from runs import read_csv_log
 
 SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16"]
 
 
-def cass(tmp_path, out, *extra, check=True):
-    return run_script("pretrain_cass.py", *SMALL, "--out", out, *extra, cwd=tmp_path, check=check)
+def cass(tmp_path, out, *extra, check=True, stop_after_epoch=None):
+    return run_script("pretrain_cass.py", *SMALL, "--out", out, *extra, cwd=tmp_path, check=check,
+                      stop_after_epoch=stop_after_epoch)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_loss_goes_down_on_a_fixed_small_set(tmp_path):
 def test_resumed_run_continues_the_same_curve(tmp_path):
     args = ["--epochs", "3", "--limit-train", "32"]
     cass(tmp_path, "straight", *args)
-    cass(tmp_path, "resumed", *args, "--stop-after-epoch", "1")
+    cass(tmp_path, "resumed", *args, stop_after_epoch=1)
     assert not (tmp_path / "resumed" / "cnn.safetensors").exists()
     proc = cass(tmp_path, "resumed", *args)
     assert "resuming" in proc.stdout
@@ -98,7 +99,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, extra, match):
 
 
 def test_output_folder_of_another_run_is_refused(tmp_path):
-    cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", "--stop-after-epoch", "1")
+    cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", stop_after_epoch=1)
     proc = cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", "--lr", "0.01", check=False)
     assert proc.returncode == 2 and "differs in: lr" in proc.stderr
 
