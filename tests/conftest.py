@@ -16,7 +16,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs whole sweeps of run_all.py (minutes); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: a test of several seconds or more (script runs, sweeps); -m 'not slow' leaves them out")
 
 
 @pytest.fixture(scope="session", autouse=True)

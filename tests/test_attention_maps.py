@@ -2,6 +2,7 @@
 shapes, softmax rows, dependence on the input, fused attention (timm's default) handled; then the
 CLI end to end on the synthetic data with weight files saved here."""
 
+import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -80,6 +81,7 @@ def test_feature_maps_five_stages_of_resnet18():
     assert not torch.allclose(fm[1][1], AM.feature_maps(model, torch.randn(1, 3, 64, 64))[1][1])
 
 
+@pytest.mark.slow
 def test_cli_writes_the_figures(tmp_path):
     vit, cnn = tiny_vit(), timm.create_model("resnet18", num_classes=6)
     save_weights(vit, tmp_path / "sup_vit.safetensors")
@@ -103,6 +105,7 @@ def test_cli_writes_the_figures(tmp_path):
     assert "supervised" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_refuses_non_vit_and_missing_weights(tmp_path):
     proc = run_script("attention_maps.py", "--data", "synthetic", "--out", tmp_path, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--weights" in proc.stderr

@@ -261,6 +261,7 @@ def result(cli, name):
     return cli.futures[name].result()
 
 
+@pytest.mark.slow
 @uses("unknown_data")
 def test_unknown_data_name(cli):
     one_error_line(result(cli, "unknown_data")[0][0], "--data nosuch", "unknown data set")
@@ -345,6 +346,7 @@ def test_bad_csv(cli, case, names):
     one_error_line(result(cli, case)[0][0], *names)
 
 
+@pytest.mark.slow
 @uses("bs_too_large")
 def test_batch_larger_than_the_training_set(cli):
     for proc, _ in result(cli, "bs_too_large"):  # pretrain_cass.py, finetune.py

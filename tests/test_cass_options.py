@@ -88,6 +88,7 @@ OPTIONS = {"predictor": ["--predictor", "--pred-hidden", "32"],
            "proj_pred": ["--projector", "32", "--proj-hidden", "64", "--predictor", "--pred-hidden", "16"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_each_option_runs_and_its_weights_fine_tune(tmp_path, name):
     run_script("pretrain_cass.py", *SMALL, *OPTIONS[name], "--out", "run", cwd=tmp_path)
@@ -110,6 +111,7 @@ def test_each_option_runs_and_its_weights_fine_tune(tmp_path, name):
     assert (tmp_path / "knn" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_an_option_run_resumes_bit_identically(tmp_path):
     args = [*SMALL, *OPTIONS["proj_pred"], "--no-monitor"]
     run_script("pretrain_cass.py", *args, "--out", "straight", cwd=tmp_path)
@@ -120,6 +122,7 @@ def test_an_option_run_resumes_bit_identically(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+@pytest.mark.slow
 def test_bad_option_values_are_one_line_errors(tmp_path):
     proc = run_script("pretrain_cass.py", *SMALL, "--projector", "-3", "--out", "bad", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--projector must be" in proc.stderr and "Traceback" not in proc.stderr

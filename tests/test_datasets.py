@@ -254,6 +254,7 @@ def test_cass_augment_is_the_papers_chain():
     assert ops[-1].mean == TR.IMAGENET_MEAN and ops[-1].std == TR.IMAGENET_STD
 
 
+@pytest.mark.slow
 def test_synthetic_tables_load():
     t = D.load_table("synthetic")
     assert not t.multilabel and len(t.class_names) >= 5 and len(t) >= 2000

@@ -320,6 +320,7 @@ def vit_run(tmp_path_factory):
     return tmp, dino(tmp, "straight", "--arch", "vit_tiny_patch16_224", "--epochs", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,kw", [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32})])
 def test_cli_run_and_weights_load_for_finetuning(request, arch, kw):
     tmp, proc = request.getfixturevalue("resnet_runs")[:2] if arch == "resnet18" else request.getfixturevalue("vit_run")
@@ -372,6 +373,7 @@ def test_resume_gives_the_same_teacher_bit_for_bit(resnet_runs):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(la) == 2
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(tmp_path):
     proc = dino(tmp_path, "bad", "--arch", "no_such_model_xyz", "--epochs", "1", check=False)
     assert proc.returncode == 2 and "unknown timm model" in proc.stderr and "Traceback" not in proc.stderr

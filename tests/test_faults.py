@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from conftest import HOOKS, ROOT, run_script
 from runs import read_csv_log
 
+pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
+
 TINY = {
     "pretrain_cass.py": (["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224",
                           "--img-size", "32", "--init", "random", "--workers", "0", "--bs", "16",

@@ -129,12 +129,14 @@ def check_run_files(run, n_classes):
     return m
 
 
+@pytest.mark.slow
 def test_single_label_cli_run(single_run):
     m = check_run_files(single_run, 6)
     assert m["multilabel"] is False and len(m["confusion_matrix"]) == 6
     assert np.sum(m["confusion_matrix"]) == m["n_test"]
 
 
+@pytest.mark.slow
 def test_multi_label_cli_run(multi_run):
     m = check_run_files(multi_run, 5)
     assert m["multilabel"] is True and np.asarray(m["confusion_matrix"]).shape == (5, 2, 2)
@@ -380,6 +382,7 @@ def test_init_path_is_the_same_as_weights(tmp_path):
     assert a.out == f"runs/finetune/synthetic-resnet18-{tmp_path.name}-w-frac1-seed0"
 
 
+@pytest.mark.slow
 def test_a_weight_file_of_another_arch_is_a_one_line_error(folder_data, tmp_path):
     vit = models.create_backbone("vit_tiny_patch16_224", "random", num_classes=0, img_size=32)
     models.save_weights(vit, tmp_path / "vit.safetensors")

@@ -226,6 +226,7 @@ def test_uint8_dataset_is_seeded_by_epoch_and_row():
     assert torch.equal(ds[(3, 0)][0][1], u) and not torch.equal(ds[(4, 0)][0][1], u)
 
 
+@pytest.mark.slow
 def test_finetune_runs_with_the_cache_and_device_augmentation(tmp_path):
     """The whole --gpu-aug path of a script on the CPU: image files decoded once into the cache,
     uint8 batches from it, the CASS augmentations and the evaluation normalisation on the device."""

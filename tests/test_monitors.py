@@ -133,6 +133,7 @@ def cass_runs(tmp_path_factory):
     return tmp, on, off
 
 
+@pytest.mark.slow
 def test_cass_log_holds_the_monitors_and_the_plot_is_written(cass_runs):
     tmp, on, _ = cass_runs
     rows = read_csv_log(tmp / "on" / "log.csv")
@@ -160,6 +161,7 @@ def test_the_monitor_changes_nothing_in_training(cass_runs):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_dino_log_holds_the_teachers_monitors(tmp_path):
     proc = run_script("pretrain_dino.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "32",
                       "--local-size", "16", "--local-crops", "2", "--out-dim", "256", "--hidden-dim", "64",
@@ -173,6 +175,7 @@ def test_dino_log_holds_the_teachers_monitors(tmp_path):
     assert (tmp_path / "d" / "monitors.png").is_file()
 
 
+@pytest.mark.slow
 def test_plot_cli_redraws_and_refuses_a_folder_without_a_log(cass_runs, tmp_path):
     tmp, _, _ = cass_runs
     (tmp / "on" / "monitors.png").unlink()

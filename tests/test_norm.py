@@ -50,6 +50,7 @@ SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_
          "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "1", "--limit-train", "32", "--no-monitor"]
 
 
+@pytest.mark.slow
 def test_norm_model_is_recorded_and_followed_by_finetune_and_attention_maps(tmp_path):
     proc = run_script("pretrain_cass.py", *SMALL, "--norm", "model", "--out", "model", cwd=tmp_path)
     assert "normalisation per arm" in proc.stdout and "(0.5, 0.5, 0.5)" in proc.stdout

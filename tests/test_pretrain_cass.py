@@ -24,6 +24,7 @@ def two_epoch_run(tmp_path_factory):
     return tmp / "run", proc
 
 
+@pytest.mark.slow
 def test_run_writes_its_files(two_epoch_run):
     out, proc = two_epoch_run
     for name in ("config.json", "log.csv", "cnn.safetensors", "vit.safetensors", "cnn_last.safetensors",
@@ -63,12 +64,14 @@ def test_schedule_is_a_per_step_cosine_of_16_iterations(two_epoch_run):
         assert float(row["lr_vit"]) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_small_set(tmp_path):
     cass(tmp_path, "run", "--epochs", "4", "--limit-train", "32", "--no-swa")
     losses = [float(r["loss"]) for r in read_csv_log(tmp_path / "run" / "log.csv")]
     assert losses[-1] < losses[0] * 0.8, losses
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_curve(tmp_path):
     args = ["--epochs", "3", "--limit-train", "32"]
     cass(tmp_path, "straight", *args)
@@ -91,6 +94,7 @@ def test_resumed_run_continues_the_same_curve(tmp_path):
     (["--extra-aug", "mixup"], "unknown augmentation"),
     (["--cnn", "resnet9000"], "unknown timm model"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, extra, match):
     proc = cass(tmp_path, "bad", "--epochs", "1", *extra, check=False)
     assert proc.returncode == 2
@@ -98,12 +102,14 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, extra, match):
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_output_folder_of_another_run_is_refused(tmp_path):
     cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", stop_after_epoch=1)
     proc = cass(tmp_path, "run", "--epochs", "1", "--limit-train", "16", "--lr", "0.01", check=False)
     assert proc.returncode == 2 and "differs in: lr" in proc.stderr
 
 
+@pytest.mark.slow
 def test_each_arm_can_start_from_its_own_weights(tmp_path):
     """--vit-init PATH loads arm 2 from a file while arm 1 keeps --init random (Tables 15/17 have
     a random ResNet-200 beside an ImageNet ViT). With a zero learning rate the ViT (LayerNorm only,

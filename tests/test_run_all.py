@@ -2,6 +2,7 @@
 for a paper table whose data root is given; tables without data are skipped with a message; runs
 whose metrics.json (fine-tuning) or weight files (pretraining) exist are skipped."""
 
+import pytest
 import os
 import subprocess
 from pathlib import Path
@@ -184,6 +185,7 @@ def main(argv):
 '''
 
 
+@pytest.mark.slow
 def test_execute_orders_by_needs_reports_failures_and_resumes(tmp_path, monkeypatch):
     """The runner on fake jobs (a module imported by the worker processes): a job waits for the file
     it needs, a failure is reported with the tail of its log and stops the sweep, and running the
