@@ -527,7 +527,8 @@ def frozen_cells(prof: Profile, data: str) -> list:
         for row, src in (("CASS", default_cass(prof, data)), ("DINO", default_dino(prof, data, arch)),
                          ("Random init", None)):
             for ev, col in (("knn", "20-NN"), ("linear", "linear probe")):
-                cells.append(Cell(f"{row} ({label(arch)})", col, Finetune(data, arch, 1.0, src, arm, prof.init, eval=ev)))
+                ft = Finetune(data, arch, 1.0, src, arm, prof.init, eval=ev)
+                cells.append(Cell(f"{row} ({label(arch)})", col, ft))
     return cells
 
 
@@ -568,17 +569,9 @@ def cpu_study(prof: Profile) -> dict:
         "cpu_brain_mri", "Brain MRI, fine-tuned: test F1 (macro) (ours: ResNet-18 / ViT-Ti/16, 64 px, random init, "
         f"{prof.epochs} pretraining epochs, CPU; paper: ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs)",
         data, "f1_macro", "main", main_cells(prof, data, (0.01, 0.1, 1.0), "table4"))
-    cells = []
-    for arm in ("cnn", "vit"):
-        arch = prof.cnn if arm == "cnn" else prof.vit
-        for row, src in (("CASS", default_cass(prof, data)), ("DINO", default_dino(prof, data, arch)),
-                         ("Random init", None)):
-            for ev, col in (("knn", "20-NN"), ("linear", "linear probe")):
-                ft = Finetune(data, arch, 1.0, src, arm, prof.init, eval=ev)
-                cells.append(Cell(f"{row} ({label(arch)})", col, ft))
     t["cpu_frozen"] = TableDef("cpu_frozen", "Brain MRI, frozen pooled features with 100% of the labels: test "
                                "accuracy of a cosine 20-NN vote and of a logistic-regression probe", data,
-                               "accuracy", "main", cells)
+                               "accuracy", "main", frozen_cells(prof, data))
     t["cpu_frozen_f1"] = replace(t["cpu_frozen"], name="cpu_frozen_f1", metric="f1_macro",
                                  title=t["cpu_frozen"].title.replace("test accuracy", "test F1 (macro)"))
     t["cpu_time"] = TableDef("cpu_time", f"Pretraining wall time, CASS vs DINO ({prof.epochs} epochs, brain MRI, "
