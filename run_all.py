@@ -836,7 +836,7 @@ def _worker_loop(conn, threads: int, parent: int):
     It leaves the main process's process group first: a terminal's Ctrl-C (SIGINT to the whole
     foreground group) then reaches the main process alone, which passes it on once. A run that got
     it twice, from the terminal and from the main process, would quit at once without saving its
-    checkpoint (common.StopOnSignal)."""
+    checkpoint (runs.StopOnSignal)."""
     os.setpgrp()
     _stop_when_orphaned(parent)
     _worker_init(threads)
@@ -949,7 +949,7 @@ def execute(jobs: list, n_parallel: int, verbose: bool, keep_going: bool, t0: fl
     out of memory) is one, reported with how the worker died.
 
     SIGTERM or SIGINT (Ctrl-C) stops the sweep: it is passed on to every running job, which saves a
-    checkpoint after its current step and stops (common.StopOnSignal). After stop_timeout seconds,
+    checkpoint after its current step and stops (runs.StopOnSignal). After stop_timeout seconds,
     or at a second signal, the jobs still running are killed. Then one line names the stopped runs,
     and SystemExit(128 + the signal number) is raised."""
     import multiprocessing
