@@ -79,6 +79,12 @@ class Profile:
     class_weights: str = "minmax"  # finetune.py --class-weights of the mode's fine-tuning runs
     data_roots_needed: bool = False  # the mode reads real data sets (their roots must be given)
 
+    def ft_epochs(self, arch: str, frac: float):
+        """Fine-tuning --epochs for `arch` at label fraction `frac` (None: the script's default)."""
+        by_arch = {(a, round(f, 6)): e for a, f, e in self.ft_epochs_by_arch}
+        by_frac = {round(f, 6): e for f, e in self.ft_epochs_by_frac}
+        return by_arch.get((arch, round(frac, 6)), by_frac.get(round(frac, 6)))
+
     def seeds_for(self, data: str, frac: float = None) -> tuple:
         by_frac = {round(f, 6): s for f, s in self.seeds_by_frac}
         if frac is not None and round(frac, 6) in by_frac:
@@ -164,7 +170,8 @@ NO_IMAGENET = {"resnet200"}
 
 LABELS = {
     "resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet200": "ResNet-200", "densenet161": "DenseNet-161",
-    "test_resnet": "test_resnet", "test_vit": "test_vit/16", "vit_tiny_patch16_224": "ViT-Ti/16", "vit_base_patch16_384": "ViT-B/16", "vit_large_patch16_384": "ViT-L/16",
+    "test_resnet": "test_resnet", "test_vit": "test_vit/16",
+    "vit_tiny_patch16_224": "ViT-Ti/16", "vit_base_patch16_384": "ViT-B/16", "vit_large_patch16_384": "ViT-L/16",
     "deit_base_patch16_384": "DeiT-B/16", "swin_base_patch4_window12_384": "Swin-B (patch 4, window 12)",
 }
 METHOD_LABEL = {"cass": "CASS", "dino": "DINO", "supervised": "Supervised"}
@@ -693,8 +700,7 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
         else:
             argv += ["--init", ft.init]
         out = finetune_dir(prof, ft, seed)
-        epochs = dict(((a, round(f, 6)), e) for a, f, e in prof.ft_epochs_by_arch).get(
-            (ft.arch, round(ft.frac, 6)), dict((round(f, 6), e) for f, e in prof.ft_epochs_by_frac).get(round(ft.frac, 6)))
+        epochs = prof.ft_epochs(ft.arch, ft.frac)
         extra = ["--epochs", str(epochs)] if epochs and ft.eval == "finetune" else []
         add(Job("finetune", out, argv + ["--out", str(out), *prof.ft_args, *extra], done=("metrics.json",),
                 needs=needs, after=add_data(ft.data)))

@@ -226,7 +226,6 @@ def all_positive_f1(runs: Runs, td):
     return None
 
 
-
 def build_cells_table(td, runs: Runs, quick: bool):
     """Main, ablation and supervised tables: rows x columns of (ours, paper). Returns
     (markdown, csv, filled, total)."""
