@@ -34,7 +34,8 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 import paper_results as PR
-import run_all as RA
+import profiles as P
+import study as S
 from aggregate import aggregate
 from common import atomic_save_figure, atomic_write_text
 from monitors import COLLAPSE_FRAC, arms_of
@@ -65,12 +66,12 @@ def _resolve(path: str, bases) -> Path:
 def pretrain_key(cfg: dict):
     """run_all's key of a pretraining run from its config.json (None if it is not one)."""
     if "cnn" in cfg and "vit" in cfg:
-        return RA.Cass(cfg["data"], cfg["cnn"], cfg["vit"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"]),
-                       RA._aug_key(cfg.get("extra_aug", ())), cfg.get("cnn_opt", "adam"),
+        return S.Cass(cfg["data"], cfg["cnn"], cfg["vit"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"]),
+                       S._aug_key(cfg.get("extra_aug", ())), cfg.get("cnn_opt", "adam"),
                        cfg.get("head_act", "none"), predictor=bool(cfg.get("predictor", False)),
                        projector=int(cfg.get("projector", 0)), var_reg=float(cfg.get("var_reg", 0.0))).key()
     if "arch" in cfg and "out_dim" in cfg:
-        return RA.Dino(cfg["data"], cfg["arch"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"])).key()
+        return S.Dino(cfg["data"], cfg["arch"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"])).key()
     return None
 
 
@@ -454,7 +455,7 @@ def build_options_table(td, runs: Runs):
                 stat, unfinished = runs.cell(grid[(row, f"{arm} {col}")].ft, metric)
                 filled += stat is not None
                 stats[col] = (stat, unfinished)
-            md_rows.append([row, RA.label(cass.arch(arm)), _f(last.get(f"{arm}_std_frac"), 4),
+            md_rows.append([row, P.label(cass.arch(arm)), _f(last.get(f"{arm}_std_frac"), 4),
                             _f(last.get(f"{arm}_rank"), 1), _f(last.get(f"{arm}_knn")),
                             *(fmt_stat(*stats[c]) for c in ("knn", "linear", "1%", "10%")),
                             fmt_seconds(per_epoch), warned])
@@ -483,13 +484,13 @@ def titled(td) -> str:
 
 def build_all(mode: str, runs_dir, out_dir, prof=None):
     """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
-    prof = prof or RA.PROFILES[mode]
+    prof = prof or P.PROFILES[mode]
     quick = mode == "quick"
     out_dir = Path(out_dir)
     runs = Runs(runs_dir)
-    arch_names = {"cnn": RA.label(prof.cnn), "vit": RA.label(prof.vit)}
+    arch_names = {"cnn": P.label(prof.cnn), "vit": P.label(prof.vit)}
     sections, summary = [], {}
-    study = RA.study(prof)
+    study = S.study(prof)
     for name, td in study.items():
         if td.kind == "maps":
             continue
@@ -566,12 +567,12 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=sorted(RA.PROFILES), default="quick")
+    p.add_argument("--mode", choices=sorted(P.PROFILES), default="quick")
     p.add_argument("--runs", default=None, help="folder of run folders (default runs/<mode>)")
     p.add_argument("--out", default=None, help="output folder (default results/<mode>)")
     args = p.parse_args(argv)
-    runs_dir = args.runs or str(RA.PROFILES[args.mode].runs)
-    out = Path(args.out or RA.PROFILES[args.mode].results)
+    runs_dir = args.runs or str(P.PROFILES[args.mode].runs)
+    out = Path(args.out or P.PROFILES[args.mode].results)
     if not Path(runs_dir).is_dir():
         print(f"note: {runs_dir} does not exist yet; every cell is marked '{DASH} (no run)'", file=sys.stderr)
     summary = build_all(args.mode, runs_dir, out)

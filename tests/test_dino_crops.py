@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import finetune
 import pretrain_cass
 import pretrain_dino
-import run_all as RA
+import profiles as P
 from datasets import ImageTable
 from gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
 from images import cached_table
@@ -103,7 +103,7 @@ def test_device_crops_of_the_cache_match_device_crops_of_the_file(tmp_path):
 def test_dino_pretrains_at_the_size_cass_pretrains_and_finetune_fine_tunes():
     dino, cass, ft = pretrain_dino.get_args([]), pretrain_cass.get_args([]), finetune.get_args([])
     assert dino.img_size == cass.img_size == ft.img_size == 384
-    for prof in (RA.PAPER, RA.QUICK, RA.CPU):  # run_all's profiles: the same size for every method
+    for prof in (P.PAPER, P.QUICK, P.CPU):  # run_all's profiles: the same size for every method
         sizes = {script: getattr(script.get_args(list(args)), "img_size")
                  for script, args in ((pretrain_dino, prof.dino_args), (pretrain_cass, prof.cass_args),
                                       (finetune, prof.ft_args))}

@@ -5,9 +5,13 @@ whose metrics.json (fine-tuning) or weight files (pretraining) exist are skipped
 import pytest
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+import job_runner as JR
+import profiles as P
 import run_all as RA
+import study as S
 from conftest import ROOT
 
 
@@ -23,7 +27,7 @@ def quick_run_count():
     """Pretraining (CASS + DINO x 2 per pretraining seed), the single-label grid (3 methods x 2 backbones at
     10%, the supervised ones also at 100%), the frozen probes (3 starts x 2 backbones x 2 probes per
     pretraining seed) and the multi-label supervised rows (2 backbones at 100%)."""
-    q, ml = RA.QUICK, "synthetic-multilabel"
+    q, ml = P.QUICK, "synthetic-multilabel"
     return (3 * q.pretrain_seeds + 6 * len(q.seeds_for("synthetic", 0.1)) + 2 * len(q.seeds_for("synthetic", 1.0))
             + 12 * q.pretrain_seeds + 2 * len(q.seeds_for(ml, 1.0)))
 
@@ -42,7 +46,7 @@ def test_quick_dry_run_lists_the_plan_and_runs_nothing(tmp_path):
     assert n_runs == quick_run_count()
     assert f"{n_runs} runs left" in out
     # CASS and DINO for both backbones, per pretraining seed, on the single-label data only
-    assert out.count("pretrain_cass.py --data synthetic ") == RA.QUICK.pretrain_seeds == 2
+    assert out.count("pretrain_cass.py --data synthetic ") == P.QUICK.pretrain_seeds == 2
     assert "pretrain_cass.py --data synthetic-multilabel" not in out
     assert out.count("pretrain_dino.py --data synthetic --arch test_resnet ") == 2
     assert out.count("pretrain_dino.py --data synthetic --arch test_vit ") == 2
@@ -113,8 +117,8 @@ def test_paper_ablation_plan(tmp_path):
 
 def test_plan_skips_finished_runs(tmp_path):
     runs = tmp_path / "runs"
-    prof = RA.replace(RA.QUICK, runs_dir=str(runs))
-    jobs = RA.plan(prof, list(RA.study(prof)), {}, log=lambda *a: None)
+    prof = replace(P.QUICK, runs_dir=str(runs))
+    jobs = RA.plan(prof, list(S.study(prof)), {}, log=lambda *a: None)
     cass = next(j for j in jobs if j.kind == "cass")
     ft = next(j for j in jobs if j.kind == "finetune" and "--weights" in j.argv)
     # a finished fine-tuning run and a finished CASS pretraining run
@@ -146,15 +150,15 @@ def test_unknown_table_and_quick_with_tables_are_refused(tmp_path):
 
 
 def test_pretrain_seed_pairing():
-    assert [RA.pretrain_seed(RA.QUICK, s) for s in RA.QUICK.seeds] == [0, 1, 0]
-    assert [RA.pretrain_seed(RA.PAPER, s) for s in RA.PAPER.seeds] == [0, 1, 2, 3, 4]
+    assert [S.pretrain_seed(P.QUICK, s) for s in P.QUICK.seeds] == [0, 1, 0]
+    assert [S.pretrain_seed(P.PAPER, s) for s in P.PAPER.seeds] == [0, 1, 2, 3, 4]
 
 
 def test_every_paper_table_is_planned_when_all_roots_are_set(tmp_path):
-    roots = {d: str(tmp_path) for d in RA.DATA_ROOTS}
-    prof = RA.replace(RA.PAPER, runs_dir=str(tmp_path / "runs"))
+    roots = {d: str(tmp_path) for d in P.DATA_ROOTS}
+    prof = replace(P.PAPER, runs_dir=str(tmp_path / "runs"))
     msgs = []
-    jobs = RA.plan(prof, list(RA.study(prof)), roots, log=msgs.append)
+    jobs = RA.plan(prof, list(S.study(prof)), roots, log=msgs.append)
     assert msgs == []
     outs = [str(j.out) for j in jobs]
     assert len(outs) == len(set(outs))  # every run once, shared settings deduplicated
@@ -195,10 +199,10 @@ def test_execute_orders_by_needs_reports_failures_and_resumes(tmp_path, monkeypa
     a, b, c, d = (tmp_path / n for n in "abcd")
 
     def job(out, action, needs=()):
-        return RA.Job("finetune", out, ["fakejob.py", str(out), action], done=("result.txt",), needs=needs)
+        return JR.Job("finetune", out, ["fakejob.py", str(out), action], done=("result.txt",), needs=needs)
 
     jobs = [job(b, "ok", needs=(a / "result.txt",)), job(a, "ok"), job(c, "fail"), job(d, "ok", needs=(c / "x",))]
-    failed = RA.execute(jobs, 2, verbose=False, keep_going=False, t0=0)
+    failed = JR.execute(jobs, 2, verbose=False, keep_going=False, t0=0)
     assert [j.out for j in failed] == [c]
     assert (a / "result.txt").exists() and (b / "result.txt").exists() and not (d / "result.txt").exists()
     assert "this run fails on purpose" in (c / "run_all.log").read_text()
@@ -207,7 +211,7 @@ def test_execute_orders_by_needs_reports_failures_and_resumes(tmp_path, monkeypa
     jobs[2] = job(c, "ok")
     jobs[3] = job(d, "ok", needs=(c / "result.txt",))
     before = (a / "run_all.log").read_text()
-    assert RA.execute(jobs, 2, verbose=False, keep_going=False, t0=0) == []
+    assert JR.execute(jobs, 2, verbose=False, keep_going=False, t0=0) == []
     assert (d / "result.txt").exists() and (a / "run_all.log").read_text() == before
 
 
@@ -257,11 +261,11 @@ def test_cpu_options_mode_shares_the_cpu_runs_and_adds_one_run_per_option(tmp_pa
 
 
 def test_option_keys_leave_the_paper_recipe_key_unchanged():
-    base = RA.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random")
+    base = S.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random")
     assert base.key() == ("cass", "brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", (), "adam", "none")
-    keys = {RA.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", **kw).key()
-            for _, kw in RA.CASS_OPTIONS}
-    assert len(keys) == len(RA.CASS_OPTIONS) and base.key() in keys
+    keys = {S.Cass("brain-mri", "resnet18", "vit_tiny_patch16_224", 16, 3, "random", **kw).key()
+            for _, kw in P.CASS_OPTIONS}
+    assert len(keys) == len(P.CASS_OPTIONS) and base.key() in keys
 
 
 def test_cpu_weights_mode_adds_the_other_class_weights_beside_the_cpu_runs(tmp_path):
@@ -278,6 +282,6 @@ def test_cpu_weights_mode_adds_the_other_class_weights_beside_the_cpu_runs(tmp_p
         assert len(mine) == 6 and all(f"supervised-random-cw{cw}/" in ln for ln in mine)
     paper = [ln for ln in ft if "--class-weights" not in ln]  # min-max: the cpu mode's own runs and folders
     assert len(paper) == 6 and all("/supervised-random/" in ln for ln in paper)
-    keys = {RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random", class_weights=cw).key()
-            for _, cw in RA.CLASS_WEIGHTS}
-    assert len(keys) == 3 and RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random").key() in keys
+    keys = {S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random", class_weights=cw).key()
+            for _, cw in P.CLASS_WEIGHTS}
+    assert len(keys) == 3 and S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random").key() in keys

@@ -5,12 +5,14 @@ cells marked, the paper's column, Table 2 times summed from log.csv, Figure 2 dr
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import paper_results as PR
-import run_all as RA
+import profiles as P
+import study as S
 import tables
 
 
@@ -138,7 +140,7 @@ def test_unfinished_pretraining_is_not_timed(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "cass", cass_config("synthetic"), log_seconds=[10, 20])  # 2 of 3 epochs, no weights
     t = tables.Runs(runs)
-    assert t.pretrain_seconds(RA.default_cass(RA.QUICK, "synthetic")) is None
+    assert t.pretrain_seconds(S.default_cass(P.QUICK, "synthetic")) is None
 
 
 def test_paper_tables_show_paper_numbers_and_match_runs(tmp_path):
@@ -196,7 +198,7 @@ def test_figure2_draws_what_exists(tmp_path):
         for seed, f1 in enumerate(f1s):
             write_run(runs / f"ft{epochs}-{seed}", ft_config("autoimmune", "resnet50", 1.0, seed,
                                                              weights=str(c / "cnn.safetensors")), metrics(f1))
-    td = RA.study(RA.PAPER)["fig2"]
+    td = S.study(P.PAPER)["fig2"]
     data = tables.figure2_data(td, tables.Runs(tmp_path / "runs"))
     pts = sorted(data["epochs"]["CASS cnn"])
     assert [p[0] for p in pts] == [50, 100] and pts[0][1] == pytest.approx(0.81) and pts[0][3] == 2
@@ -217,7 +219,7 @@ def test_relative_weight_paths_resolve_from_the_repository_layout(tmp_path, monk
     write_run(runs / "synthetic" / "ft" / "y",
               ft_config("synthetic", "test_resnet", 0.1, 0, weights="runs/quick/synthetic/cass/x/cnn.safetensors"),
               metrics(0.4))
-    stat, _ = tables.Runs(runs).cell(RA.main_cells(RA.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
+    stat, _ = tables.Runs(runs).cell(S.main_cells(P.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
     assert stat[0] == pytest.approx(0.4)
 
 
@@ -230,7 +232,7 @@ def test_paper_results_are_complete():
     assert PR.main_cell("table4", "cass", "vit", 0.01) == (0.3345, 0.11)
     assert PR.TABLE2["autoimmune"] == {"dino": 73 * 60, "cass": 21 * 60}
     # every paper cell of the study's tables has a number (no typo in the row labels)
-    for name, td in RA.study(RA.PAPER).items():
+    for name, td in S.study(P.PAPER).items():
         if td.kind in ("main", "ablation", "supervised"):
             assert all(c.paper is not None for c in td.cells), name
 
@@ -301,7 +303,7 @@ def test_options_table_reads_option_runs_by_their_flags(tmp_path):
                   metrics(f1))
     write_run(mri / "ft" / "pk", {**ft_config("brain-mri", "vit_tiny_patch16_224", 1.0, 0, weights=w), "eval": "knn"},
               {**metrics(0.4), "accuracy": 0.45})
-    prof = RA.replace(RA.CPU_OPTIONS, epochs=3)
+    prof = replace(P.CPU_OPTIONS, epochs=3)
     out = tmp_path / "res"
     tables.build_all("cpu-options", runs, out, prof=prof)
     md = (out / "cpu_options.md").read_text()
@@ -326,7 +328,7 @@ def test_class_weight_runs_land_in_their_own_rows(tmp_path):
         assert read_md_row(md, f"ResNet-18, {row}")[1] == f"{want} (n=1)", row  # the 10% macro F1 column
     assert "balanced accuracy" in (out / "cpu_class_weights_bacc.md").read_text()
     main = tables.Runs(runs)  # and the cpu mode's own table sees only the min-max run
-    stat, _ = main.cell(RA.Finetune("brain-mri", "resnet18", 0.1, None, None, "random"), "f1_macro")
+    stat, _ = main.cell(S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random"), "f1_macro")
     assert stat[0] == pytest.approx(0.5) and stat[2] == 1
 
 

@@ -18,11 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import job_runner as JR  # noqa: E402
+import profiles as P  # noqa: E402
 import run_all as RA  # noqa: E402
+import study as S  # noqa: E402
 
 EPOCHS = 4
 # ResNet-18 + ViT-Ti/16 (not the quick mode's tiny backbones), so a run lasts long enough to be stopped
-TINY = replace(RA.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224", seeds=(0,), pretrain_seeds=1,
+TINY = replace(P.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224", seeds=(0,), pretrain_seeds=1,
                seeds_by_data=(), seeds_by_frac=(), ft_epochs_by_frac=(), ft_epochs_by_arch=(), class_weights="minmax",
                epochs=EPOCHS, bs=16, jobs=2,
                cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0"),
@@ -31,22 +34,22 @@ TINY = replace(RA.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224"
 
 
 def tiny_study(prof) -> dict:
-    cass = RA.default_cass(prof, "synthetic")
-    cells = [RA.Cell("CASS (ResNet-18)", "5%", RA.Finetune("synthetic", prof.cnn, 0.05, cass, "cnn")),
-             RA.Cell("Supervised (ResNet-18)", "5%", RA.supervised(prof, "synthetic", prof.cnn, 0.05))]
-    return {"tiny": RA.TableDef("tiny", "Tiny sweep: test F1 (macro)", "synthetic", "f1_macro", "main", cells)}
+    cass = S.default_cass(prof, "synthetic")
+    cells = [S.Cell("CASS (ResNet-18)", "5%", S.Finetune("synthetic", prof.cnn, 0.05, cass, "cnn")),
+             S.Cell("Supervised (ResNet-18)", "5%", S.supervised(prof, "synthetic", prof.cnn, 0.05))]
+    return {"tiny": S.TableDef("tiny", "Tiny sweep: test F1 (macro)", "synthetic", "f1_macro", "main", cells)}
 
 
 def stubborn_jobs(prof) -> list:
     n = int(os.environ.get("TINY_STUBBORN", "0"))
-    return [RA.Job("finetune", prof.runs / f"stubborn{i}", ["tiny_sweep.py", "stubborn"], done=("never",))
+    return [JR.Job("finetune", prof.runs / f"stubborn{i}", ["tiny_sweep.py", "stubborn"], done=("never",))
             for i in range(n)]
 
 
-if "tiny" not in RA.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
-    RA.PROFILES["tiny"] = TINY
-    _study, _plan = RA.study, RA.plan
-    RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)
+if "tiny" not in P.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
+    P.PROFILES["tiny"] = TINY
+    _study, _plan = S.study, RA.plan
+    S.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)
     RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
 
 
