@@ -3,11 +3,11 @@
     python tables.py --mode quick            # runs/quick  -> results/quick
     python tables.py --mode paper            # runs/paper  -> results/paper
 
-Every run folder under --runs is read (config.json, metrics.json, log.csv), and each finished
-fine-tuning run is matched to the table cells of run_all.study() by what it is: data set, backbone,
+Every run folder under --runs is read (config.json, metrics.json, log.csv; run_index.py), and each
+finished fine-tuning run is matched to the table cells of study.study() by what it is: data set, backbone,
 label fraction and where its weights came from (supervised from an init, or the pretraining run
 whose config.json sits beside the --weights file: CASS with its arm, pair, batch size, epochs,
-init, augmentations, CNN optimiser and head activation, or DINO with its architecture, batch size,
+init (and arm 1's own), augmentations, CNN optimiser, head activation and options, or DINO with its architecture, batch size,
 epochs and init). The folder names do not matter. A cell shows the mean ± sample standard deviation
 (ddof=1, aggregate.py) over the seeds found, with n; "—" marks a cell with no finished run.
 
@@ -23,7 +23,6 @@ all of them, and figures/fig2.png.
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import shutil
@@ -36,120 +35,11 @@ from sklearn.metrics import f1_score
 import paper_results as PR
 import profiles as P
 import study as S
-from aggregate import aggregate
 from common import atomic_save_figure, atomic_write_text
 from monitors import COLLAPSE_FRAC, arms_of
+from run_index import Runs, read_json, read_log
 
-ROOT = Path(__file__).resolve().parent
 DASH = "—"
-
-
-# ---------------------------------------------------------------- reading run folders
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _resolve(path: str, bases) -> Path:
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    for b in bases:
-        if (Path(b) / p).exists():
-            return Path(b) / p
-    return Path(bases[0]) / p
-
-
-def pretrain_key(cfg: dict):
-    """run_all's key of a pretraining run from its config.json (None if it is not one)."""
-    if "cnn" in cfg and "vit" in cfg:
-        return S.Cass(cfg["data"], cfg["cnn"], cfg["vit"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"]),
-                       S._aug_key(cfg.get("extra_aug", ())), cfg.get("cnn_opt", "adam"),
-                       cfg.get("head_act", "none"), predictor=bool(cfg.get("predictor", False)),
-                       projector=int(cfg.get("projector", 0)), var_reg=float(cfg.get("var_reg", 0.0))).key()
-    if "arch" in cfg and "out_dim" in cfg:
-        return S.Dino(cfg["data"], cfg["arch"], int(cfg["bs"]), int(cfg["epochs"]), str(cfg["init"])).key()
-    return None
-
-
-def finetune_key(cfg: dict, bases):
-    """run_all's key of a fine-tuning run or frozen-feature evaluation (--eval knn / linear) from its
-    config.json, or None (not such a run, or weights whose pretraining folder is gone or unknown)."""
-    if "label_frac" not in cfg or "arch" not in cfg:
-        return None
-    frac = round(float(cfg["label_frac"]), 6)
-    ev = cfg.get("eval", "finetune")
-    probe = (ev,) if ev != "finetune" else ()
-    cw = cfg.get("class_weights", "minmax")
-    probe += (("class_weights", cw),) if cw != "minmax" else ()
-    w = cfg.get("weights")
-    if not w:
-        return (cfg["data"], cfg["arch"], frac, ("supervised", str(cfg.get("init", "imagenet"))), None) + probe
-    wpath = _resolve(w, bases)
-    pcfg = _read_json(wpath.parent / "config.json")
-    src = pretrain_key(pcfg) if pcfg else None
-    if src is None:
-        return None
-    arm = wpath.name.split(".")[0] if src[0] == "cass" else None  # cnn | vit (cnn_last etc. never match)
-    return (cfg["data"], cfg["arch"], frac, src, arm) + probe
-
-
-class Runs:
-    """Every run folder under `root`: fine-tuning runs by key, pretraining runs by key."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.bases = [Path.cwd(), ROOT, self.root.parent.parent, self.root.parent]
-        self.finetune, self.unfinished, self.pretrain = {}, {}, {}
-        for cfg_path in sorted(self.root.rglob("config.json")) if self.root.is_dir() else []:
-            d = cfg_path.parent
-            cfg = _read_json(cfg_path)
-            if not isinstance(cfg, dict):
-                continue
-            pk = pretrain_key(cfg)
-            if pk is not None:
-                self.pretrain.setdefault(pk, []).append(d)
-                continue
-            fk = finetune_key(cfg, self.bases)
-            if fk is None:
-                continue
-            target = self.finetune if (d / "metrics.json").is_file() else self.unfinished
-            target.setdefault(fk, []).append(d)
-
-    def cell(self, ft, metric):
-        """(mean, std, n) of `metric` over the finished runs of setting `ft`, or None; and the number
-        of unfinished run folders of that setting."""
-        key = ft.key()
-        dirs = self.finetune.get(key, [])
-        stat = aggregate(dirs, [metric]).get(metric) if dirs else None
-        return stat, len(self.unfinished.get(key, []))
-
-    def pretrain_seconds(self, src):
-        """Mean and std over the finished runs of a pretraining setting of the summed per-epoch seconds,
-        and n. A run counts when its weight files exist and its log has every epoch."""
-        totals = []
-        for d in self.pretrain.get(src.key(), []):
-            if not all((d / f).exists() for f in src.done_files()):
-                continue
-            rows = _read_log(d / "log.csv")
-            if rows is None or len(rows) < src.epochs:
-                continue
-            totals.append(sum(float(r["seconds"]) for r in rows))
-        if not totals:
-            return None
-        a = np.asarray(totals)
-        return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan"), len(a)
-
-
-def _read_log(path):
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------- formatting
@@ -395,11 +285,11 @@ def build_monitor_table(runs: Runs, out_dir: Path, keys=None):
         if keys is not None and key not in keys:
             continue
         for d in dirs:
-            rows = _read_log(d / "log.csv")
+            rows = read_log(d / "log.csv")
             if not rows or not any(k.endswith("_rank") for k in rows[0]):
                 continue
             first, last = rows[0], rows[-1]
-            init = _read_json(d / "monitors_init.json") or {}  # the initial weights (newer runs measure them)
+            init = read_json(d / "monitors_init.json") or {}  # the initial weights (newer runs measure them)
 
             def start(k, digits):
                 return f"{_f(init[k], digits)} → " if k in init else ""
@@ -445,7 +335,7 @@ def build_options_table(td, runs: Runs):
     md_rows, csv_rows, filled = [], [], 0
     for row, cass in td.sources:
         dirs = [d for d in runs.pretrain.get(cass.key(), []) if (d / "log.csv").is_file()]
-        log = _read_log(dirs[0] / "log.csv") if dirs else None
+        log = read_log(dirs[0] / "log.csv") if dirs else None
         last = log[-1] if log else {}
         per_epoch = np.mean([float(r["seconds"]) for r in log]) if log else None
         warned = next((f"epoch {int(r['epoch']) + 1}" for r in log if r.get("collapse")), "none") if log else DASH

@@ -14,6 +14,7 @@ import paper_results as PR
 import profiles as P
 import study as S
 import tables
+from run_index import Runs
 
 
 # ---------------------------------------------------------------- fake run folders
@@ -139,7 +140,7 @@ def test_table2_times_summed_from_logs(quick_runs, tmp_path):
 def test_unfinished_pretraining_is_not_timed(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "cass", cass_config("synthetic"), log_seconds=[10, 20])  # 2 of 3 epochs, no weights
-    t = tables.Runs(runs)
+    t = Runs(runs)
     assert t.pretrain_seconds(S.default_cass(P.QUICK, "synthetic")) is None
 
 
@@ -199,14 +200,14 @@ def test_figure2_draws_what_exists(tmp_path):
             write_run(runs / f"ft{epochs}-{seed}", ft_config("autoimmune", "resnet50", 1.0, seed,
                                                              weights=str(c / "cnn.safetensors")), metrics(f1))
     td = S.study(P.PAPER)["fig2"]
-    data = tables.figure2_data(td, tables.Runs(tmp_path / "runs"))
+    data = tables.figure2_data(td, Runs(tmp_path / "runs"))
     pts = sorted(data["epochs"]["CASS cnn"])
     assert [p[0] for p in pts] == [50, 100] and pts[0][1] == pytest.approx(0.81) and pts[0][3] == 2
     assert "DINO cnn" not in data.get("epochs", {})
     # paper's "mean variance": variance over the settings of the means (one backbone here)
     assert tables.mean_variance(data["epochs"], "CASS") == pytest.approx(((0.855 - 0.81) / 2) ** 2)
     out = tmp_path / "fig2.png"
-    tables.build_figure2(td, tables.Runs(tmp_path / "runs"), out, quick=False, arch_names={"cnn": "R50", "vit": "V"})
+    tables.build_figure2(td, Runs(tmp_path / "runs"), out, quick=False, arch_names={"cnn": "R50", "vit": "V"})
     assert out.stat().st_size > 1000
 
 
@@ -219,7 +220,7 @@ def test_relative_weight_paths_resolve_from_the_repository_layout(tmp_path, monk
     write_run(runs / "synthetic" / "ft" / "y",
               ft_config("synthetic", "test_resnet", 0.1, 0, weights="runs/quick/synthetic/cass/x/cnn.safetensors"),
               metrics(0.4))
-    stat, _ = tables.Runs(runs).cell(S.main_cells(P.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
+    stat, _ = Runs(runs).cell(S.main_cells(P.QUICK, "synthetic", (0.1,))[1].ft, "f1_macro")
     assert stat[0] == pytest.approx(0.4)
 
 
@@ -327,7 +328,7 @@ def test_class_weight_runs_land_in_their_own_rows(tmp_path):
     for row, want in (("min-max (paper)", "0.5000"), ("inverse frequency", "0.6000"), ("none", "0.7000")):
         assert read_md_row(md, f"ResNet-18, {row}")[1] == f"{want} (n=1)", row  # the 10% macro F1 column
     assert "balanced accuracy" in (out / "cpu_class_weights_bacc.md").read_text()
-    main = tables.Runs(runs)  # and the cpu mode's own table sees only the min-max run
+    main = Runs(runs)  # and the cpu mode's own table sees only the min-max run
     stat, _ = main.cell(S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random"), "f1_macro")
     assert stat[0] == pytest.approx(0.5) and stat[2] == 1
 
@@ -348,3 +349,15 @@ def test_multilabel_table_states_the_all_positive_reference(tmp_path):
     want = f1_score(y, [[1, 1, 1]] * 4, average="macro", zero_division=0)  # (0.857 + 0.4 + 0.4) / 3
     assert f"marks every label present scores a macro F1 of {want:.3f}" in (out / "quick_synthetic_multilabel.md").read_text()
     assert "marks every label present" not in (out / "quick_synthetic.md").read_text()
+
+
+def test_pretraining_key_keeps_arm_1s_own_init():
+    """Tables 15 and 17: ResNet-200 starts random beside an ImageNet ViT (--cnn-init random); its run
+    must be found by the cell that asks for it, and not by the plain ImageNet pair's cell."""
+    from run_index import pretrain_key
+    cfg = cass_config("autoimmune", cnn="resnet200", vit="vit_base_patch16_384", bs=16, epochs=100,
+                      init="imagenet", cnn_init="random")
+    r200 = S.default_cass(P.PAPER, "autoimmune", cnn="resnet200")
+    assert r200.cnn_init == "random"
+    assert pretrain_key(cfg) == r200.key()
+    assert pretrain_key({**cfg, "cnn_init": None}) == replace(r200, cnn_init=None).key() != r200.key()
