@@ -289,7 +289,7 @@ def loader_rate(ds, bs, workers, device, min_images):
 
 
 def bench_data(args, name, tmp):
-    from images import cached_table
+    from decoded_cache import cached_table
     from loading import ImageDataset
     from transforms import cass_augment
     from gpu_aug import CASS_UNIFORMS, UInt8Dataset
@@ -326,7 +326,7 @@ def bench_data(args, name, tmp):
 
 def bench_gpu_aug(args, kind):
     import gpu_aug as G
-    from images import dino_cache_size
+    from transforms import dino_cache_size
     reset_peak(args.device)
     if kind == "cass":
         aug, S = G.CassGpuAugment(args.img_size), args.img_size
@@ -344,9 +344,9 @@ def bench_gpu_aug(args, kind):
 
 def bench_e2e(args, name, tmp):
     """Training steps fed by the real loader from the decoded cache (cycled over epochs)."""
-    import gpu_aug as G
-    from images import cached_table, dino_cache_size
-    from loading import make_loader
+    from decoded_cache import cached_table
+    from transforms import dino_cache_size
+    from loading import cass_pipeline, dino_pipeline, make_loader
     table = data_table(args, tmp)
     gpu = args.device.type == "cuda" if args.gpu_aug is None else args.gpu_aug
     reset_peak(args.device)
@@ -354,7 +354,7 @@ def bench_e2e(args, name, tmp):
         from pretrain_cass import cass_step
         S = args.img_size
         ct = cached_table(table, S, tmp / "cache", workers=args.workers, progress=False)
-        ds, prepare = G.cass_pipeline(ct, np.arange(len(ct)), S, (), args.device, gpu)
+        ds, prepare = cass_pipeline(ct, np.arange(len(ct)), S, (), args.device, gpu)
         cnn, vit, fc, fv, oc, ov, crit = cass_models(args)
         step = lambda x: cass_step(x, fc, fv, crit, oc, ov, args.device)  # noqa: E731
         extra = dict(cnn=args.cnn, vit=args.vit)
@@ -363,7 +363,7 @@ def bench_e2e(args, name, tmp):
         S = dino_cache_size(args.img_size, args.local_size, (0.4, 1.0), (0.05, 0.4))
         ct = cached_table(table, S, tmp / "cache", workers=args.workers, progress=False)
         dargs, dstep = dino_setup(args, args.cnn if kind == "cnn" else args.vit)
-        ds, prepare = G.dino_pipeline(ct, np.arange(len(ct)), dargs, args.device, gpu)
+        ds, prepare = dino_pipeline(ct, np.arange(len(ct)), dargs, args.device, gpu)
         step = dstep
         extra = dict(arch=dargs.arch, local_crops=args.local_crops, local_size=args.local_size, out_dim=args.out_dim)
     if len(ds) < args.bs:

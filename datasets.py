@@ -4,8 +4,8 @@
 embedded synthetic one) into an `ImageTable`: sample ids, where each image lies, labels, class
 names. `get_split` makes or reuses the saved train/val/test split, so CASS, DINO, supervised
 training and every fine-tuning seed see the same images. `load_data` does both for the shared
-flags, with the decoded-image cache and the bad-image checks of images.py. From a table to batches:
-loading.py; the transforms: transforms.py.
+flags, with the decoded-image cache and the bad-image checks of decoded_cache.py (imported only for
+image files). From a table to batches: loading.py; the transforms: transforms.py.
 """
 
 import csv
@@ -19,8 +19,6 @@ import numpy as np
 
 from common import UserError, atomic_write_json, atomic_write_text, default_cache_dir, file_lock
 from distributed import is_main
-from images import cached_table, check_images
-from synthetic import ensure_synthetic, largest_remainder
 
 DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "brain-mri", "dermofit", "autoimmune",
               "folder", "csv", "medmnist")
@@ -301,6 +299,7 @@ def load_medmnist(root) -> ImageTable:
 
 
 def load_synthetic(cache_dir, multilabel) -> ImageTable:
+    from synthetic import ensure_synthetic  # (the generator, only for the synthetic data sets)
     folder = ensure_synthetic(Path(cache_dir).expanduser(), multilabel=multilabel)
     meta = json.loads((folder / "meta.json").read_text())
     images = np.load(folder / "images.npy", mmap_mode="r")
@@ -342,6 +341,19 @@ def _strata(table: ImageTable, rows: np.ndarray) -> np.ndarray:
     inv = inv.copy()
     inv[counts[inv] < 5] = -1
     return inv
+
+
+def largest_remainder(want, total: int, tiebreak=None) -> np.ndarray:
+    """Integer counts summing to `total` (at least sum(floor(want))), as close to the real numbers
+    `want` as possible: each is floor(want) or one more, the extra ones going to the largest fractional parts
+    (ties: the first, or the lowest `tiebreak`). The split's allocation within each stratum
+    (stratified_partition), the labelled subset's (finetune.py) and the synthetic data's class counts."""
+    want = np.asarray(want, dtype=np.float64)
+    counts = np.floor(want).astype(np.int64)
+    remainder = -(want - counts)
+    order = np.argsort(remainder, kind="stable") if tiebreak is None else np.lexsort((tiebreak, remainder))
+    counts[order[: max(int(total - counts.sum()), 0)]] += 1
+    return counts
 
 
 def stratified_partition(strata: np.ndarray, fractions, seed: int):
@@ -430,6 +442,7 @@ def load_data(args, cache_size=None, cache_part=None):
     skip = bool(getattr(args, "skip_bad_images", False))
     bad = []
     if table.array is None:
+        from decoded_cache import cached_table, check_images  # (only for data sets of image files)
         rows = split[cache_part] if cache_part else np.arange(len(table))
         workers = getattr(args, "workers", 0)
         if getattr(args, "cache", True):

@@ -39,9 +39,8 @@ import common
 import distributed
 import runs
 from common import UserError
-from datasets import _strata, load_data, write_skipped
-from gpu_aug import batch_to_device, cass_pipeline, eval_pipeline, use_gpu_aug
-from loading import make_loader
+from datasets import _strata, largest_remainder, load_data, write_skipped
+from loading import batch_to_device, cass_pipeline, eval_pipeline, make_loader, use_gpu_aug
 from losses import FocalLoss, class_weights
 from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
 from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, is_transformer, load_weights,
@@ -156,10 +155,7 @@ def labelled_subset(table, train_rows, frac: float, seed: int) -> np.ndarray:
     uniq = np.unique(strata)
     members = [rng.permutation(train_rows[strata == s]) for s in uniq]
     want = frac * np.array([len(m) for m in members], dtype=np.float64)
-    take = np.floor(want).astype(int)
-    extra = int(round(frac * len(train_rows))) - int(take.sum())
-    order = np.lexsort((rng.random(len(uniq)), -(want - take)))  # largest remainder, random ties
-    take[order[:max(extra, 0)]] += 1
+    take = largest_remainder(want, int(round(frac * len(train_rows))), tiebreak=rng.random(len(uniq)))  # random ties
     chosen = set(np.concatenate([m[:k] for m, k in zip(members, take)]).tolist())
     y = table.labels
     for c in range(len(table.class_names)):
@@ -244,7 +240,7 @@ class EarlyStopping:
 
 def forward_all(model, loader, device, criterion=None, desc="eval"):
     """Outputs of `model` for every image of `loader` (no dropped batch), in loader order; the batches
-    go to the device through gpu_aug.batch_to_device (normalised there with --gpu-aug).
+    go to the device through loading.batch_to_device (normalised there with --gpu-aug).
     Returns (outputs float64 (N, D), labels (N,) or (N, L), rows (N,), mean loss or None)."""
     model.eval()
     outs, labels, rows, loss_sum = [], [], [], 0.0

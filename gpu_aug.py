@@ -25,15 +25,14 @@ differently; the tests compare the parameter distributions of both paths and che
 path with every probability set to 0 is exactly resize + normalise.
 """
 
-import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loading import ImageDataset, item_seed
-from transforms import IMAGENET_MEAN, IMAGENET_STD, DinoMultiCrop, cass_augment, eval_transform
+from loading import item_seed
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (PIL's L: 0.299, 0.587, 0.114)
 
@@ -415,7 +414,7 @@ class DinoGpuMultiCrop(Normalize):
         return out
 
 
-# ---------------------------------------------------------------- the loader side and the pipelines
+# ---------------------------------------------------------------- the loader side
 
 class UInt8Dataset(torch.utils.data.Dataset):
     """Rows of an array-backed table (the decoded cache, synthetic, medmnist) as
@@ -451,55 +450,3 @@ class UInt8Dataset(torch.utils.data.Dataset):
         if self.source_sizes is not None:
             u = torch.cat([u, torch.as_tensor(self.source_sizes[row], dtype=torch.float64)])
         return (img, u), torch.as_tensor(self.table.labels[row]), row
-
-
-def use_gpu_aug(args, device, table) -> bool:
-    """--gpu-aug / --no-gpu-aug, default on with CUDA when the images are in an array of one size."""
-    want = getattr(args, "gpu_aug", None)
-    if want is None:
-        want = device.type == "cuda"
-    if want and table.array is None:
-        if getattr(args, "gpu_aug", None):
-            print("note: --gpu-aug needs the images in an array (drop --no-cache); using the CPU transforms")
-        return False
-    return bool(want)
-
-
-def batch_to_device(x, dataset, device):
-    """A batch of `dataset`'s loader as model input on `device`: copied (pinned memory, non-blocking),
-    and for a UInt8Dataset transformed there by its device_transform (augmentation or normalisation).
-    A list (DINO's crops) becomes a list of device tensors."""
-    aug = getattr(dataset, "device_transform", None)
-    if aug is not None:
-        imgs, u = x
-        return aug(imgs.to(device, non_blocking=True), u.to(device, non_blocking=True))
-    if isinstance(x, (list, tuple)):
-        return [t.to(device, non_blocking=True) for t in x]
-    return x.to(device, non_blocking=True)
-
-
-def _with_prepare(ds, device):
-    return ds, functools.partial(batch_to_device, dataset=ds, device=device)
-
-
-def cass_pipeline(table, rows, img_size, extra, device, gpu: bool):
-    """(dataset, prepare): the CASS training view, with prepare(batch from the loader) -> model input
-    on `device`. gpu=False: ImageDataset + cass_augment (PIL in the loader's workers)."""
-    if gpu:
-        return _with_prepare(UInt8Dataset(table, rows, CassGpuAugment(img_size, extra)), device)
-    return _with_prepare(ImageDataset(table, rows, cass_augment(img_size, extra)), device)
-
-
-def eval_pipeline(table, rows, img_size, device, gpu: bool):
-    if gpu:
-        return _with_prepare(UInt8Dataset(table, rows, Normalize(img_size)), device)
-    return _with_prepare(ImageDataset(table, rows, eval_transform(img_size)), device)
-
-
-def dino_pipeline(table, rows, args, device, gpu: bool):
-    """(dataset, prepare) for DINO: prepare(batch) -> list of 2 + local_crops device tensors."""
-    if gpu:
-        aug = DinoGpuMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
-        return _with_prepare(UInt8Dataset(table, rows, aug), device)
-    tf = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
-    return _with_prepare(ImageDataset(table, rows, tf), device)

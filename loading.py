@@ -1,9 +1,12 @@
 """From a table to batches: `ImageDataset` turns rows of a datasets.ImageTable into tensors through a
 transform, each item's random draws seeded by (epoch, row) (`item_seed`, `seeded_rngs`);
 `EpochSampler` gives an epoch's order, shared out over torchrun's processes; `make_loader` builds
-(and keeps, with worker processes) the DataLoader of an epoch."""
+(and keeps, with worker processes) the DataLoader of an epoch. The pipelines (`cass_pipeline`,
+`eval_pipeline`, `dino_pipeline`) pair a dataset with `prepare`, which takes its batches to the
+device: with --gpu-aug (gpu_aug.py, imported only then) the augmentation runs there."""
 
 import atexit
+import functools
 import random
 import signal
 import weakref
@@ -16,6 +19,7 @@ from common import UserError
 from datasets import ImageTable
 from distributed import rank, world_size
 from images import array_to_rgb, load_rgb
+from transforms import cass_augment, eval_transform
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -202,3 +206,62 @@ def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=Non
     loader.sampler.set_epoch_seed(generator.initial_seed() if generator is not None else None,
                                   start=skip_batches * (bs // world))
     return loader
+
+
+# ---------------------------------------------------------------- pipelines: dataset + prepare
+
+def use_gpu_aug(args, device, table) -> bool:
+    """--gpu-aug / --no-gpu-aug, default on with CUDA when the images are in an array of one size."""
+    want = getattr(args, "gpu_aug", None)
+    if want is None:
+        want = device.type == "cuda"
+    if want and table.array is None:
+        if getattr(args, "gpu_aug", None):
+            print("note: --gpu-aug needs the images in an array (drop --no-cache); using the CPU transforms")
+        return False
+    return bool(want)
+
+
+def batch_to_device(x, dataset, device):
+    """A batch of `dataset`'s loader as model input on `device`: copied (pinned memory, non-blocking),
+    and for a gpu_aug.UInt8Dataset transformed there by its device_transform (augmentation or normalisation).
+    A list (DINO's crops) becomes a list of device tensors."""
+    aug = getattr(dataset, "device_transform", None)
+    if aug is not None:
+        imgs, u = x
+        return aug(imgs.to(device, non_blocking=True), u.to(device, non_blocking=True))
+    if isinstance(x, (list, tuple)):
+        return [t.to(device, non_blocking=True) for t in x]
+    return x.to(device, non_blocking=True)
+
+
+def _with_prepare(ds, device):
+    return ds, functools.partial(batch_to_device, dataset=ds, device=device)
+
+
+def cass_pipeline(table, rows, img_size, extra, device, gpu: bool):
+    """(dataset, prepare): the CASS training view, with prepare(batch from the loader) -> model input
+    on `device`. gpu=True: gpu_aug's UInt8Dataset + CassGpuAugment (imported only then); gpu=False:
+    ImageDataset + cass_augment (PIL in the loader's workers)."""
+    if gpu:
+        from gpu_aug import CassGpuAugment, UInt8Dataset
+        return _with_prepare(UInt8Dataset(table, rows, CassGpuAugment(img_size, extra)), device)
+    return _with_prepare(ImageDataset(table, rows, cass_augment(img_size, extra)), device)
+
+
+def eval_pipeline(table, rows, img_size, device, gpu: bool):
+    if gpu:
+        from gpu_aug import Normalize, UInt8Dataset
+        return _with_prepare(UInt8Dataset(table, rows, Normalize(img_size)), device)
+    return _with_prepare(ImageDataset(table, rows, eval_transform(img_size)), device)
+
+
+def dino_pipeline(table, rows, args, device, gpu: bool):
+    """(dataset, prepare) for DINO: prepare(batch) -> list of 2 + local_crops device tensors."""
+    if gpu:
+        from gpu_aug import DinoGpuMultiCrop, UInt8Dataset
+        aug = DinoGpuMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+        return _with_prepare(UInt8Dataset(table, rows, aug), device)
+    from transforms import DinoMultiCrop
+    tf = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+    return _with_prepare(ImageDataset(table, rows, tf), device)

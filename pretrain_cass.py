@@ -23,8 +23,7 @@ from common import (UserError, add_common_args, atomic_save_safetensors, atomic_
                     run_cli, seed_everything)
 from datasets import load_data, write_skipped
 from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
-from gpu_aug import cass_pipeline, use_gpu_aug
-from loading import make_loader
+from loading import cass_pipeline, make_loader, use_gpu_aug
 from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)

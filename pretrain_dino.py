@@ -39,13 +39,12 @@ from tqdm import tqdm
 from common import UserError, add_common_args, atomic_write_json, autocast, pick_device, run_cli, seed_everything
 from datasets import load_data, load_table, write_skipped
 from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
-from gpu_aug import dino_pipeline, use_gpu_aug
-from images import dino_cache_size
-from loading import make_loader
+from loading import dino_pipeline, make_loader, use_gpu_aug
 from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from transforms import dino_cache_size
 from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
                   resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
 

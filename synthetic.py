@@ -49,6 +49,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from datasets import largest_remainder
+
 SYNTHETIC_VERSION = 2
 
 SINGLE_LABEL_CLASSES = ("lymphocyte_like", "neutrophil_like", "spindle_like", "epithelial_cluster_like",
@@ -406,16 +408,6 @@ def render_image(rng: np.random.Generator, size: int, cell_types, minor_types=()
 
 # ---------------------------------------------------------------------------------------------
 # Data set files.
-
-def largest_remainder(want, total: int) -> np.ndarray:
-    """Integer counts summing to `total`, as close to the real numbers `want` (which sum to it) as
-    possible: each is floor(want) or one more, the extra ones going to the largest fractional parts
-    (ties: the first). Also the split's allocation within each stratum (datasets.stratified_partition)."""
-    want = np.asarray(want, dtype=np.float64)
-    counts = np.floor(want).astype(np.int64)
-    counts[np.argsort(-(want - counts), kind="stable")[: total - counts.sum()]] += 1
-    return counts
-
 
 def _exact_counts(n, proportions):
     """Integer counts summing to n, as close to n * proportions as possible (largest remainder)."""

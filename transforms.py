@@ -2,6 +2,7 @@
 DINO's multi-crop augmentation (the baseline), all torchvision on PIL images; gpu_aug.py has their
 batched device versions."""
 
+import math
 import random
 
 import torch
@@ -130,3 +131,13 @@ class DinoMultiCrop:
 
     def __call__(self, img):
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def dino_cache_size(global_size: int, local_size: int, global_scale, local_scale) -> int:
+    """Cache size for DINO, whose RandomResizedCrop works on the cached image: large enough that
+    the smallest crops of either kind are not enlarged, i.e. max(global / sqrt(min global scale),
+    local / sqrt(min local scale)), rounded up to a multiple of 32 (448 px at the official
+    224 / 96 px, scales 0.4 / 0.05). The cached image is square: like CASS's Resize((s, s)), a
+    600 x 450 image is stretched to a square first, which shifts the crops' aspect ratios."""
+    need = max(global_size / math.sqrt(global_scale[0]), local_size / math.sqrt(local_scale[0]))
+    return int(math.ceil(need / 32) * 32)

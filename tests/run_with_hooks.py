@@ -19,7 +19,7 @@ Tests that run a script in their own process use stop_after_epoch(N) as a contex
 How the hooks find their places: every checkpoint goes through runs.save_checkpoint; a training
 epoch starts with runs.seed_epoch(seed, epoch), then builds its loader with
 loading.make_loader(generator=<that epoch's generator>, skip_batches=<steps already done>), and
-passes each batch through the `prepare` of its gpu_aug pipeline (cass_pipeline, dino_pipeline) once
+passes each batch through the `prepare` of its loading pipeline (cass_pipeline, dino_pipeline) once
 per step; the hooks wrap those functions (module attributes: a script imports them after this)."""
 
 import contextlib
@@ -35,7 +35,6 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import gpu_aug  # noqa: E402
 import loading  # noqa: E402
 import runs  # noqa: E402
 
@@ -157,7 +156,7 @@ def install_step_faults(faults):
         return hook
 
     undo = [_wrap(runs, "seed_epoch", make_seed_epoch), _wrap(loading, "make_loader", make_make_loader),
-            _wrap(gpu_aug, "cass_pipeline", make_pipeline), _wrap(gpu_aug, "dino_pipeline", make_pipeline)]
+            _wrap(loading, "cass_pipeline", make_pipeline), _wrap(loading, "dino_pipeline", make_pipeline)]
     return lambda: [u() for u in reversed(undo)]
 
 

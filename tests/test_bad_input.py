@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import datasets as D
+import decoded_cache as DC
 import images as IM
 from common import UserError
 from conftest import run_script
@@ -432,11 +433,11 @@ def test_the_cache_marker_remembers_the_bad_images(tmp_path, monkeypatch):
     table = D.load_table("folder", tmp_path / "data")
     bad_rows = [table.ids.index(b) for b in BAD]
     with pytest.raises(UserError, match="2 images of 32 cannot be read"):
-        IM.cached_table(table, 16, tmp_path / "cache")
+        DC.cached_table(table, 16, tmp_path / "cache")
     marker = json.loads(Path(next((tmp_path / "cache" / "decoded").glob("*.done.json"))).read_text())
     assert [(b["row"], b["path"]) for b in marker["bad"]] == [(r, table.paths[r]) for r in bad_rows]
-    monkeypatch.setattr(IM, "decode_resized", lambda *a: pytest.fail("the cache was decoded again"))
-    ct = IM.cached_table(table, 16, tmp_path / "cache", skip_bad=True)
+    monkeypatch.setattr(DC, "decode_resized", lambda *a: pytest.fail("the cache was decoded again"))
+    ct = DC.cached_table(table, 16, tmp_path / "cache", skip_bad=True)
     assert [r for r, _, _ in ct.extra["bad_images"]] == bad_rows
     with pytest.raises(IndexError):  # never a black image
         ct.array[bad_rows[0]]
@@ -447,10 +448,10 @@ def test_worker_processes_find_the_same_bad_images(tmp_path):
     make_bad_images(tmp_path / "data")
     make_images(tmp_path / "data", classes=3, per_class=25, size=20)  # over 64 images: the pool is used
     table = D.load_table("folder", tmp_path / "data")
-    serial = IM.cached_table(table, 8, tmp_path / "c0", skip_bad=True)
-    pooled = IM.cached_table(table, 8, tmp_path / "c2", workers=2, skip_bad=True)
+    serial = DC.cached_table(table, 8, tmp_path / "c0", skip_bad=True)
+    pooled = DC.cached_table(table, 8, tmp_path / "c2", workers=2, skip_bad=True)
     assert len(serial.extra["bad_images"]) == 2 and serial.extra["bad_images"] == pooled.extra["bad_images"]
-    assert IM.check_images(table, workers=2) == IM.check_images(table) == serial.extra["bad_images"]
+    assert DC.check_images(table, workers=2) == DC.check_images(table) == serial.extra["bad_images"]
     assert np.array_equal(np.load(serial.array.path), np.load(pooled.array.path))
 
 

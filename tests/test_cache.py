@@ -1,4 +1,4 @@
-"""The decoded-image cache (images.cached_table) and the epoch-seeded loaders (make_loader):
+"""The decoded-image cache (decoded_cache.cached_table) and the epoch-seeded loaders (make_loader):
 exact for the CASS and evaluation transforms, rebuilt when a file changes, never half-written,
 the same with worker processes, and the same augmented batches whatever the number of workers
 or processes."""
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import datasets as D
-import images as IM
+import decoded_cache as DC
 import loading as LD
 import transforms as TR
 
@@ -35,11 +35,11 @@ def make_files(root, n=6, sizes=((40, 30), (24, 24))):
 
 def test_cache_holds_the_resized_images_and_cass_views_are_bit_identical(tmp_path):
     table = make_files(tmp_path / "data")
-    ct = IM.cached_table(table, 16, tmp_path / "cache")
-    assert table.array is None and isinstance(ct.array, IM.MappedArray)
+    ct = DC.cached_table(table, 16, tmp_path / "cache")
+    assert table.array is None and isinstance(ct.array, DC.MappedArray)
     assert ct.array.shape == (6, 16, 16, 3) and ct.ids == table.ids
     for r in range(6):
-        assert np.array_equal(ct.array[r], IM.decode_resized(table.paths[r], 16))
+        assert np.array_equal(ct.array[r], DC.decode_resized(table.paths[r], 16))
     for tf in (TR.cass_augment(16, ("blur", "solarize")), TR.eval_transform(16)):
         a = LD.ImageDataset(table, range(6), tf)
         b = LD.ImageDataset(ct, range(6), tf)
@@ -50,47 +50,47 @@ def test_cache_holds_the_resized_images_and_cass_views_are_bit_identical(tmp_pat
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     table = make_files(tmp_path / "data")
-    first = IM.cached_table(table, 16, tmp_path / "cache")
+    first = DC.cached_table(table, 16, tmp_path / "cache")
     stamp = os.stat(first.array.path).st_mtime_ns
-    again = IM.cached_table(table, 16, tmp_path / "cache")
+    again = DC.cached_table(table, 16, tmp_path / "cache")
     assert again.array.path == first.array.path and os.stat(again.array.path).st_mtime_ns == stamp
     # a modified source file: new fingerprint, new cache with the new pixels
     Image.new("RGB", (40, 30), (255, 0, 0)).save(table.paths[0], quality=95)
     os.utime(table.paths[0], ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = IM.cached_table(table, 16, tmp_path / "cache")
+    changed = DC.cached_table(table, 16, tmp_path / "cache")
     assert changed.array.path != first.array.path
     assert changed.array[0][..., 0].min() > 200 and not np.array_equal(changed.array[0], first.array[0])
     # another size is another cache
-    assert IM.cached_table(table, 8, tmp_path / "cache").array.shape == (6, 8, 8, 3)
+    assert DC.cached_table(table, 8, tmp_path / "cache").array.shape == (6, 8, 8, 3)
 
 
 def test_a_cache_without_its_completion_marker_is_rebuilt(tmp_path):
     table = make_files(tmp_path / "data")
-    ct = IM.cached_table(table, 16, tmp_path / "cache")
+    ct = DC.cached_table(table, 16, tmp_path / "cache")
     path = ct.array.path
     marker = path[: -len(".npy")] + ".done.json"
     os.unlink(marker)
     with open(path, "r+b") as f:  # a half-written file from a crash
         f.seek(-10, 2)
         f.write(b"\0" * 10)
-    rebuilt = IM.cached_table(table, 16, tmp_path / "cache")
+    rebuilt = DC.cached_table(table, 16, tmp_path / "cache")
     assert os.path.exists(marker)
-    assert np.array_equal(rebuilt.array[5], IM.decode_resized(table.paths[5], 16))
+    assert np.array_equal(rebuilt.array[5], DC.decode_resized(table.paths[5], 16))
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")]
 
 
 def test_worker_processes_build_the_same_cache(tmp_path):
     table = make_files(tmp_path / "data", n=80)
-    a = IM.cached_table(table, 12, tmp_path / "c0", workers=0)
-    b = IM.cached_table(table, 12, tmp_path / "c2", workers=2)
+    a = DC.cached_table(table, 12, tmp_path / "c0", workers=0)
+    b = DC.cached_table(table, 12, tmp_path / "c2", workers=2)
     assert np.array_equal(np.load(a.array.path), np.load(b.array.path))
 
 
 def test_a_cache_of_some_rows(tmp_path):
     table = make_files(tmp_path / "data")
-    ct = IM.cached_table(table, 16, tmp_path / "cache", rows=[1, 4])
+    ct = DC.cached_table(table, 16, tmp_path / "cache", rows=[1, 4])
     assert ct.array.shape == (2, 16, 16, 3)
-    assert np.array_equal(ct.array[4], IM.decode_resized(table.paths[4], 16))
+    assert np.array_equal(ct.array[4], DC.decode_resized(table.paths[4], 16))
     with pytest.raises(IndexError):
         ct.array[0]
 
@@ -101,19 +101,19 @@ def test_load_data_uses_the_cache_unless_no_cache(tmp_path, monkeypatch):
     args = SimpleNamespace(data="folder", data_root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
                            split_file=None, split_seed=77, img_size=16, workers=0, cache=True)
     table, split = D.load_data(args)
-    assert isinstance(table.array, IM.MappedArray) and table.array.shape[1] == 16
+    assert isinstance(table.array, DC.MappedArray) and table.array.shape[1] == 16
     table, _ = D.load_data(args, cache_size=20, cache_part="train")
     assert table.array.shape == (len(split["train"]), 20, 20, 3)
     args.cache = False
     assert D.load_data(args)[0].array is None
     in_memory = D.ImageTable("t", ["0"], np.zeros(1, dtype=np.int64), ["a"], False,
                              array=np.zeros((1, 8, 8, 3), dtype=np.uint8))
-    assert IM.cached_table(in_memory, 16, tmp_path / "cache") is in_memory  # arrays are never cached
+    assert DC.cached_table(in_memory, 16, tmp_path / "cache") is in_memory  # arrays are never cached
 
 
 def test_dino_cache_size():
-    assert IM.dino_cache_size(224, 96, (0.4, 1.0), (0.05, 0.4)) == 448
-    assert IM.dino_cache_size(64, 32, (0.4, 1.0), (0.05, 0.4)) == 160
+    assert TR.dino_cache_size(224, 96, (0.4, 1.0), (0.05, 0.4)) == 448
+    assert TR.dino_cache_size(64, 32, (0.4, 1.0), (0.05, 0.4)) == 160
 
 
 def _batches(ds, workers, epoch_seed, bs=4, **kw):

@@ -1,6 +1,6 @@
 """DINO compared like for like with CASS: its global crops default to the fine-tuning size, and its
 crops keep each image's aspect ratio also when they are cut from the square decoded cache
-(datasets.SourceCrop on the CPU, the same mapping in gpu_aug.DinoGpuMultiCrop)."""
+(transforms.SourceCrop on the CPU, the same mapping in gpu_aug.DinoGpuMultiCrop)."""
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import pretrain_dino
 import profiles as P
 from datasets import ImageTable
 from gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
-from images import cached_table
+from decoded_cache import cached_table
 from loading import ImageDataset
 from transforms import SourceCrop
 

@@ -24,7 +24,7 @@ N = 2000
 
 
 def record_cass_cpu_params(n: int, size: int = 32, seed: int = 0) -> dict:
-    """Run the real CPU chain datasets.cass_augment(size) n times on a size x size image and record
+    """Run the real CPU chain transforms.cass_augment(size) n times on a size x size image and record
     the parameters torchvision draws (spies on its get_params and flips; the chain itself unchanged).
     Returns tensors over the n runs in gpu_aug.cass_params' naming."""
     tf = TR.cass_augment(size)
@@ -282,7 +282,7 @@ def _textured(h, w):
 
 
 def _cpu_chain_runs(img, size, n, seed, extra=(), p_apply=None):
-    """Run the real CPU chain datasets.cass_augment(size, extra) n times on `img` (uint8 H x W x 3)
+    """Run the real CPU chain transforms.cass_augment(size, extra) n times on `img` (uint8 H x W x 3)
     and return, per run, (the parameters torchvision drew, the output in [0, 1]). Like
     record_cass_cpu_params it spies on the transforms' get_params and on the flip (and
     solarize) functions without changing the chain, but it keeps each run's draws and output together

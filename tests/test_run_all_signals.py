@@ -279,7 +279,7 @@ RACER = r"""
 import hashlib, json, sys, time
 from pathlib import Path
 import datasets as D
-import images as IM
+import decoded_cache as DC
 
 root, split_file, cache, log, me = sys.argv[1:]
 
@@ -291,13 +291,13 @@ def counted(make):
         return make(*args, **kw)
     return slow_make
 
-D.make_split, IM._build_cache = counted(D.make_split), counted(IM._build_cache)
+D.make_split, DC._build_cache = counted(D.make_split), counted(DC._build_cache)
 table = D.load_table("folder", root)
 Path(log + f".ready{me}").touch()
 while not Path(log + ".ready0").exists() or not Path(log + ".ready1").exists():
     time.sleep(0.01)
 split = D.get_split(table, split_file)
-cached = IM.cached_table(table, 16, cache, progress=False)
+cached = DC.cached_table(table, 16, cache, progress=False)
 pixels = hashlib.sha1(b"".join(cached.array[r].tobytes() for r in range(len(table)))).hexdigest()
 print(json.dumps({"split": {k: v.tolist() for k, v in split.items()}, "pixels": pixels}))
 """
@@ -321,8 +321,8 @@ def test_two_processes_needing_the_same_split_and_cache_make_each_once(tmp_path)
     a, b = (json.loads(out) for out, _ in outs)
     assert a == b
     import datasets as D
-    import images as IM
+    import decoded_cache as DC
     table = D.load_table("folder", tmp_path / "data")
     assert a["split"] == {k: v.tolist() for k, v in D.get_split(table, split_file).items()}
     assert sorted(sum(a["split"].values(), [])) == list(range(40))
-    assert a["pixels"] == hashlib.sha1(b"".join(IM.decode_resized(p, 16).tobytes() for p in table.paths)).hexdigest()
+    assert a["pixels"] == hashlib.sha1(b"".join(DC.decode_resized(p, 16).tobytes() for p in table.paths)).hexdigest()
