@@ -28,7 +28,6 @@ Rerunning the same command resumes an interrupted run from checkpoint.pt; a fini
 import argparse
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from losses import FocalLoss, class_weights
 from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
 from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, is_transformer, load_weights,
                     norm_of_weights, save_weights, sync_batchnorm, wrap_ddp)
-from monitors import knn_probs  # (also the online k-NN monitor of the pretraining runs)
+from probes import knn_probs, linear_probs  # (--eval knn / linear)
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
@@ -260,32 +259,6 @@ def forward_all(model, loader, device, criterion=None, desc="eval"):
             loss_sum / n if criterion is not None else None)
 
 
-# ---------------------------------------------------------------- frozen-feature evaluations
-
-def linear_probs(train_feats, train_y, test_feats, num_classes, multilabel, c, seed):
-    """Logistic regression (L-BFGS, L2 with inverse strength c) on standardised features; one binary
-    regression per label for multi-label (a label constant in the labelled set gets that constant)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-    scaler = StandardScaler().fit(train_feats)
-    a, b = scaler.transform(train_feats), scaler.transform(test_feats)
-    make = lambda: LogisticRegression(C=c, max_iter=2000, random_state=seed)  # noqa: E731
-    if not multilabel:
-        y = train_y.astype(int)
-        probs = np.zeros((len(b), num_classes))
-        if len(np.unique(y)) == 1:
-            probs[:, y[0]] = 1.0
-            return probs
-        clf = make().fit(a, y)
-        probs[:, clf.classes_] = clf.predict_proba(b)
-        return probs
-    probs = np.zeros((len(b), num_classes))
-    for j in range(num_classes):
-        yj = (train_y[:, j] > 0.5).astype(int)
-        probs[:, j] = make().fit(a, yj).predict_proba(b)[:, 1] if 0 < yj.sum() < len(yj) else float(yj[0])
-    return probs
-
-
 def finetune_step(fwd, x, y, criterion, opt, device):
     """One fine-tuning iteration: forward under bf16 autocast (CUDA; a CNN in channels_last), focal
     loss, backward (DDP: gradients averaged over the processes), Adam step. Returns the loss as a
@@ -446,43 +419,32 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
         start_epoch, partial = runs.resume_point(out, ckpt)
     log = runs.CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
 
-    signals, watch = runs.StopOnSignal(device), runs.LossWatch(device)
+    guard = runs.TrainingGuard(out, device, train_state, partial)  # SIGTERM / Ctrl-C, NaN watch, mid-epoch resume
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         if stopper.should_stop:  # resumed after the stopping epoch's checkpoint
             epoch -= 1
             break
-        gen = runs.seed_epoch(args.seed, epoch)
-        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device, shard=True, skip_batches=skip)
+                             generator=runs.seed_epoch(args.seed, epoch), device=device, shard=True,
+                             skip_batches=guard.skip)  # (resuming in an epoch: its first batches are done)
         model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(2, device=device)  # loss sum, images
-        lr = opt.param_groups[0]["lr"]  # the rate the epoch starts with
-        if partial:  # the epoch a signal stopped: its sums so far, random streams and starting rate
-            done, spent = runs.resume_mid_epoch(partial, device)
-            sums = done.get("sums", sums)
-            t0, lr, partial = t0 - spent, partial["lr"], None
+        # loss sum, images; and the rate the epoch starts with (a resumed epoch: as saved)
+        sums = guard.start_epoch(epoch, {"sums": torch.zeros(2, device=device)}, lr=opt.param_groups[0]["lr"])["sums"]
+        lr = guard.extra["lr"]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
-                   initial=skip, total=skip + len(loader))
-        for step, (x, y, _) in enumerate(bar, start=skip):
+                   initial=guard.skip, total=guard.skip + len(loader))
+        for step, (x, y, _) in enumerate(bar, start=guard.skip):
             x, y = prepare(x), y.to(device, non_blocking=True)
             loss = finetune_step(fwd, x, y, criterion, opt, device)
-            watch.update(loss, step)
             if args.sched_step == "batch":
                 sched.step()
             sums[0] += loss.detach() * len(x)
             sums[1] += len(x)
-            if step % 20 == 0:  # the only host sync inside the epoch
-                watch.check(epoch, out)
-            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
-                watch.check(epoch, out)  # never save weights that a NaN has reached
-                runs.save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums}, lr=lr)
-                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
+            guard.step(loss, step, bar)
         if args.sched_step == "epoch":
             sched.step()
-        watch.check(epoch, out)
+        guard.end_epoch()
         loss_sum, n = distributed.all_reduce_sum(sums).tolist()
         train_loss = loss_sum / max(n, 1)
         logits, val_y, _, val_loss = forward_all(model, val_loader, device, criterion, desc="validation")
@@ -491,15 +453,14 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
                               table.multilabel, args.threshold)
         if stopper.step(val_loss, epoch):
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        seconds = time.perf_counter() - t0
+        seconds = guard.seconds()
         log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_f1_macro": val["f1_macro"],
                     "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "seconds": seconds})
         runs.save_checkpoint(out, {**train_state(), "epoch": epoch})
         mark = " *" if stopper.best_epoch == epoch else ""
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
                    f"val_f1_macro {val['f1_macro']:.4f} lr {lr:.2e} {seconds:.1f}s{mark}")
-        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
-            signals.stop(out, f"epoch {epoch + 1}")
+        guard.stop_if_asked()  # a signal during the epoch's end: its checkpoint is already saved
         if stopper.should_stop:
             print(f"early stopping: no lower validation loss for {args.patience} epochs "
                   f"(best {stopper.best:.4f} at epoch {stopper.best_epoch + 1})")

@@ -60,17 +60,6 @@ def effective_rank(feats: torch.Tensor, eps: float = 1e-7) -> float:
     return math.exp(-(p * p.log()).sum().item())
 
 
-def knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel):
-    """Cosine k-nearest-neighbour vote (scikit-learn NearestNeighbors, brute force): the score of a
-    class is the fraction of the k neighbours that have it; single-label predicts the largest
-    (ties: the lowest class index), multi-label thresholds each label's fraction (label averaging)."""
-    from sklearn.neighbors import NearestNeighbors
-    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_feats)
-    _, idx = nn_.kneighbors(test_feats)
-    onehot = train_y.astype(np.float64) if multilabel else np.eye(num_classes)[train_y.astype(int)]
-    return onehot[idx].mean(1)
-
-
 def knn_accuracy(train_feats, train_y, test_feats, test_y, k=20, num_classes=None, multilabel=False) -> float:
     """Accuracy of knn_probs' prediction; multi-label: the fraction of (image, label) pairs right, a
     label predicted when more than half of the neighbours have it."""
@@ -79,6 +68,7 @@ def knn_accuracy(train_feats, train_y, test_feats, test_y, k=20, num_classes=Non
     k = min(k, len(train_feats))
     if num_classes is None:
         num_classes = train_y.shape[1] if multilabel else int(max(train_y.max(), test_y.max())) + 1
+    from probes import knn_probs
     probs = knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel)
     if multilabel:
         return float(((probs > 0.5) == (test_y > 0.5)).mean())

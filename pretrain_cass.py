@@ -28,8 +28,8 @@ from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
-                  resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
+                  seed_epoch)
 
 
 def get_args(argv=None):
@@ -222,26 +222,20 @@ def main(argv=None):
           f"{'ImageNet normalisation' if args.norm == 'paper' else f'normalisation per arm {norms}'}, output {out}")
 
     t_run = time.perf_counter()
-    signals, watch = StopOnSignal(device), LossWatch(device)
+    guard = TrainingGuard(out, device, train_state, partial)  # SIGTERM / Ctrl-C, NaN watch, mid-epoch resume
     for epoch in range(start_epoch, args.epochs):
-        gen = seed_epoch(args.seed, epoch)
-        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=drop_last,
-                             generator=gen, device=device, shard=True, skip_batches=skip)
+                             generator=seed_epoch(args.seed, epoch), device=device, shard=True,
+                             skip_batches=guard.skip)  # (resuming in an epoch: its first batches are done)
         cnn.train(), vit.train()
-        t0 = time.perf_counter()
-        stats = torch.zeros(3, device=device)  # loss sum, guard firings, samples
-        moments = {}  # per-arm sums of normalised outputs and their squares (collapse signal)
-        if partial:  # the epoch a signal stopped: its sums so far and its random streams
-            done, spent = resume_mid_epoch(partial, device)
-            stats, moments = done.get("stats", stats), done.get("moments", moments)
-            t0, partial = t0 - spent, None
+        # loss sum, guard firings, samples; per-arm sums of normalised outputs and their squares (collapse signal)
+        sums = guard.start_epoch(epoch, {"stats": torch.zeros(3, device=device), "moments": {}})
+        stats, moments = sums["stats"], sums["moments"]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
-                   initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
-        for step, (x, _, _) in enumerate(bar, start=skip):
+                   initial=guard.skip, total=guard.skip + len(loader))  # (no bar when stderr is a file)
+        for step, (x, _, _) in enumerate(bar, start=guard.skip):
             x = prepare(x)  # prepare: to the device; --gpu-aug: augmented there
             loss, fired, r, t = cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device)
-            watch.update(loss, step)
             if args.sched_unit == "step":
                 sched_cnn.step(), sched_vit.step()
             with torch.no_grad():
@@ -249,16 +243,10 @@ def main(argv=None):
                 stats[1] += fired
                 stats[2] += len(x)
                 output_moments(moments, "cnn", r), output_moments(moments, "vit", t)
-            if step % 20 == 0:  # the only host sync inside the epoch
-                watch.check(epoch, out)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
-                watch.check(epoch, out)  # never save weights that a NaN has reached
-                save_mid_epoch(out, train_state(), epoch, step, t0, {"stats": stats, "moments": moments})
-                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
+            guard.step(loss, step, bar)
         if args.sched_unit == "epoch":
             sched_cnn.step(), sched_vit.step()
-        watch.check(epoch, out)
+        guard.end_epoch()
         all_reduce_sum(stats)  # torchrun: sums over every process's share of the epoch
         for s in moments.values():
             all_reduce_sum(s)
@@ -267,7 +255,7 @@ def main(argv=None):
             swa_cnn.update_parameters(cnn), swa_vit.update_parameters(vit)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = guard.seconds()
         row = {"epoch": epoch, "loss": loss_sum / n, "lr_cnn": opt_cnn.param_groups[0]["lr"],
                "lr_vit": opt_vit.param_groups[0]["lr"], "seconds": seconds, "img_per_s": n / seconds,
                "guard_fired": int(fired_n)}
@@ -281,8 +269,7 @@ def main(argv=None):
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {row['loss']:.4g} cnn_std {row['cnn_std']:.4f} "
                    f"vit_std {row['vit_std']:.4f} {seconds:.1f}s {row['img_per_s']:.1f} img/s"
                    + (f" | {monitor_line(row)}" if monitor is not None else ""))
-        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
-            signals.stop(out, f"epoch {epoch + 1}")
+        guard.stop_if_asked()  # a signal during the epoch's end: its checkpoint is already saved
 
     # ---- final weights: SWA averages (BatchNorm statistics recomputed) and the last raw weights
     save_weights(cnn, out / "cnn_last.safetensors")

@@ -45,8 +45,8 @@ from models import (NORMS, apply_norm, count_params, create_backbone, is_transfo
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 from transforms import dino_cache_size
-from runs import (CsvLog, LossWatch, StopOnSignal, check_out_dir, load_checkpoint, prepare_out_dir, resume_mid_epoch,
-                  resume_point, save_checkpoint, save_mid_epoch, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
+                  seed_epoch)
 
 
 def get_args(argv=None):
@@ -425,46 +425,35 @@ def main(argv=None):
 
     t_run = time.perf_counter()
     max_entropy = math.log(args.out_dim)
-    signals, watch = StopOnSignal(device), LossWatch(device)
-    hint = "try a lower --lr, a higher --momentum-teacher or --clip-grad"
+    guard = TrainingGuard(out, device, train_state, partial,  # SIGTERM / Ctrl-C, NaN watch, mid-epoch resume
+                          hint="try a lower --lr, a higher --momentum-teacher or --clip-grad")
     for epoch in range(start_epoch, args.epochs):
-        gen = seed_epoch(args.seed, epoch)
-        skip = partial["step"] if partial else 0  # resuming a signal-stopped epoch: its first batches are done
         loader = make_loader(train_set, args.bs, shuffle=True, workers=args.workers, drop_last=True,
-                             generator=gen, device=device, shard=True, skip_batches=skip)
+                             generator=seed_epoch(args.seed, epoch), device=device, shard=True,
+                             skip_batches=guard.skip)  # (resuming in an epoch: its first batches are done)
         student.train(), teacher.train()  # as official DINO (a BatchNorm teacher uses batch statistics)
-        t0 = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # loss, teacher entropy, teacher KL to mean, student KL
-        moments = {}  # sums of the teacher's normalised outputs and their squares (collapse signal)
-        if partial:  # the epoch a signal stopped: its sums so far and its random streams
-            done, spent = resume_mid_epoch(partial, device)
-            sums, moments = done.get("sums", sums), done.get("moments", moments)
-            t0, partial = t0 - spent, None
+        # loss, teacher entropy, teacher KL to mean, student KL; sums of the teacher's normalised outputs and
+        # their squares (collapse signal)
+        s = guard.start_epoch(epoch, {"sums": torch.zeros(4, device=device), "moments": {}})
+        sums, moments = s["sums"], s["moments"]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None,
-                   initial=skip, total=skip + len(loader))  # (no bar when stderr is a file: logs stay readable)
-        for step, (crops, _, _) in enumerate(bar, start=skip):
+                   initial=guard.skip, total=guard.skip + len(loader))  # (no bar when stderr is a file)
+        for step, (crops, _, _) in enumerate(bar, start=guard.skip):
             it = epoch * steps_per_epoch + step  # global iteration
             crops = prepare(crops)  # to the device; --gpu-aug: cut and augmented there
             loss, st = train_step(crops, fwd_student, teacher, dino_loss, optimizer, epoch=epoch,
                                   lr=float(lr_schedule[it]), wd=float(wd_schedule[it]),
                                   momentum=float(momentum_schedule[it]), clip_grad=args.clip_grad,
                                   freeze_last_layer=args.freeze_last_layer, device=device, moments=moments)
-            watch.update(loss, step)
             sums += torch.stack([loss, st["teacher_entropy"], st["teacher_kl_to_mean"], st["student_kl"]])
-            if step % 20 == 0:  # the only host sync inside the epoch
-                watch.check(epoch, out, hint)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if signals.requested(step):  # SIGTERM / Ctrl-C: save the middle of the epoch, then stop
-                watch.check(epoch, out, hint)  # never save weights that a NaN has reached
-                save_mid_epoch(out, train_state(), epoch, step, t0, {"sums": sums, "moments": moments})
-                signals.stop(out, f"epoch {epoch + 1} step {step + 1}")
-        watch.check(epoch, out, hint)
+            guard.step(loss, step, bar)
+        guard.end_epoch()
         mean = (all_reduce_sum(sums) / (steps_per_epoch * world_size())).tolist()  # torchrun: over every process
         for s in moments.values():
             all_reduce_sum(s)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = guard.seconds()
         elapsed += seconds
         last = (epoch + 1) * steps_per_epoch - 1
         n_img = steps_per_epoch * args.bs
@@ -482,8 +471,7 @@ def main(argv=None):
         tqdm.write(f"epoch {epoch + 1}/{args.epochs} loss {mean[0]:.4f} teacher entropy {mean[1]:.3f} "
                    f"(max {max_entropy:.2f}) kl_to_mean {mean[2]:.3f} {seconds:.1f}s {row['img_per_s']:.1f} img/s"
                    + (f" | {monitor_line(row)}" if monitor is not None else ""))
-        if signals.requested():  # a signal during the epoch's end: its checkpoint is already saved
-            signals.stop(out, f"epoch {epoch + 1}")
+        guard.stop_if_asked()  # a signal during the epoch's end: its checkpoint is already saved
 
     # ---- final weights: the teacher's backbone (what DINO evaluates) and the student's
     save_weights(teacher.backbone, out / "backbone.safetensors")

@@ -1,7 +1,8 @@
 """Run folders, logs and resume checkpoints: the output folder of a run and its config, the per-epoch
 log, checkpoints written atomically with a fallback to the previous one, epochs seeded so that a
 resumed run continues the same curve, stopping safely on SIGTERM / Ctrl-C (a checkpoint of the
-middle of the epoch and its resumption), and the watch on non-finite losses."""
+middle of the epoch and its resumption), and the watch on non-finite losses; TrainingGuard puts the
+last three together for a training loop."""
 
 import csv
 import json
@@ -234,6 +235,76 @@ class LossWatch:
             at = f"step {int(self.first.item()) + 1}" if self.first.item() >= 0 else "a step (another process)"
             raise UserError(f"loss is not finite (nan or inf) at epoch {epoch + 1} {at}; stopped, the last good "
                             f"checkpoint in {out} is kept ({hint})")
+
+
+class TrainingGuard:
+    """The safety plumbing of a training loop, the same in the three scripts: stopping on SIGTERM /
+    Ctrl-C with a checkpoint of the middle of the epoch (StopOnSignal, save_mid_epoch), resuming from
+    it (resume_mid_epoch), and the watch on non-finite losses (LossWatch). A loop then reads
+
+        guard = TrainingGuard(out, device, train_state, partial)  # partial: from resume_point
+        for epoch in range(start_epoch, epochs):
+            loader = make_loader(..., generator=seed_epoch(seed, epoch), skip_batches=guard.skip)
+            sums = guard.start_epoch(epoch, {"sums": torch.zeros(2, device=device)})
+            for step, batch in enumerate(tqdm(loader, initial=guard.skip), start=guard.skip):
+                ...  # forward, loss, backward, step; add to the tensors of `sums` in place
+                guard.step(loss, step, bar)
+            guard.end_epoch()  # raises on a non-finite loss
+            ...  # log the epoch, save_checkpoint
+            guard.stop_if_asked()
+
+    train_state() returns what a checkpoint holds besides the epoch; `sums` are the epoch's running
+    sums (tensors, or dicts of them, filled in place), saved with a mid-epoch checkpoint and given
+    back when the run resumes there. guard.seconds() is the time the epoch has taken, also across a
+    stop and resume."""
+
+    def __init__(self, out, device, train_state, partial=None, hint="try a lower --lr"):
+        self.out, self.device, self.train_state, self.hint = out, device, train_state, hint
+        self.signals, self.watch = StopOnSignal(device), LossWatch(device)
+        self.partial, self.epoch, self.sums, self.extra, self.t0 = partial, None, {}, {}, None
+
+    @property
+    def skip(self) -> int:
+        """Steps of this epoch done before a signal stopped it (0 but for the epoch a run resumes in)."""
+        return self.partial["step"] if self.partial else 0
+
+    def start_epoch(self, epoch: int, sums: dict, **extra) -> dict:
+        """Call once the epoch's loader is built. Returns `sums`, or the epoch's sums so far when the run
+        resumes in its middle (then also every random generator is restored). `extra` (e.g. lr=...)
+        is saved with a mid-epoch checkpoint; guard.extra holds it, as saved when resuming."""
+        self.epoch, self.sums, self.extra, self.t0 = epoch, sums, extra, time.perf_counter()
+        if self.partial:
+            done, spent = resume_mid_epoch(self.partial, self.device)
+            self.sums = {k: done.get(k, v) for k, v in sums.items()}
+            self.extra = {k: self.partial.get(k, v) for k, v in extra.items()}
+            self.t0 -= spent
+        return self.sums
+
+    def step(self, loss: torch.Tensor, step: int, bar=None):
+        """After each step: note a non-finite loss (checked, with the bar's loss shown, every 20 steps:
+        the only host sync inside the epoch); on a signal, save the middle of the epoch and stop."""
+        self.watch.update(loss, step)
+        if step % 20 == 0:
+            self.watch.check(self.epoch, self.out, self.hint)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.signals.requested(step):
+            self.watch.check(self.epoch, self.out, self.hint)  # never save weights that a NaN has reached
+            save_mid_epoch(self.out, self.train_state(), self.epoch, step, self.t0, self.sums, **self.extra)
+            self.signals.stop(self.out, f"epoch {self.epoch + 1} step {step + 1}")
+
+    def end_epoch(self):
+        """After the epoch's last step: raises if any of its losses was not finite."""
+        self.watch.check(self.epoch, self.out, self.hint)
+        self.partial = None
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def stop_if_asked(self):
+        """After the epoch's checkpoint: stop if a signal came during the epoch's end."""
+        if self.signals.requested():
+            self.signals.stop(self.out, f"epoch {self.epoch + 1}")
 
 
 def rng_state() -> dict:
