@@ -326,7 +326,7 @@ def bench_data(args, name, tmp):
 
 def bench_gpu_aug(args, kind):
     import gpu_aug as G
-    from transforms import dino_cache_size
+    from dino_crops import dino_cache_size
     reset_peak(args.device)
     if kind == "cass":
         aug, S = G.CassGpuAugment(args.img_size), args.img_size
@@ -345,7 +345,7 @@ def bench_gpu_aug(args, kind):
 def bench_e2e(args, name, tmp):
     """Training steps fed by the real loader from the decoded cache (cycled over epochs)."""
     from decoded_cache import cached_table
-    from transforms import dino_cache_size
+    from dino_crops import dino_cache_size
     from loading import cass_pipeline, dino_pipeline, make_loader
     table = data_table(args, tmp)
     gpu = args.device.type == "cuda" if args.gpu_aug is None else args.gpu_aug

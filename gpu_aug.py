@@ -14,7 +14,7 @@ path (`cass_params`, `dino_crop_params`), then the transforms run batched:
   contrast and saturation in a per-sample random order, as torchvision does; the perspective warp is
   torchvision's (same corner distribution, same 8-coefficient homography, bilinear, black fill) and
   the rotation too (nearest, black fill), via grid_sample.
-- DINO (transforms.DinoMultiCrop): RandomResizedCrop (torchvision's 10-attempt sampling and fallback,
+- DINO (dino_crops.DinoMultiCrop): RandomResizedCrop (torchvision's 10-attempt sampling and fallback,
   scale and log-ratio ranges), resampled with roi_align (bilinear, averaged over ceil(crop/out)
   samples per output pixel, which antialiases like PIL's bicubic filter does, not identically),
   flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 in random order, grayscale 0.2, Gaussian blur
@@ -361,11 +361,11 @@ def dino_crop_params(u: torch.Tensor, h: int, w: int, scale, blur_p, solar_p) ->
 
 
 class DinoGpuMultiCrop(Normalize):
-    """transforms.DinoMultiCrop on a batch: __call__(uint8 images (B, H, W, 3), uniforms (B, (2 + n_local)
+    """dino_crops.DinoMultiCrop on a batch: __call__(uint8 images (B, H, W, 3), uniforms (B, (2 + n_local)
     * 54), then optionally each image's source (height, width)) -> list of 2 + n_local float tensors
     (B, 3, size, size), crop-major like the CPU path's collated lists (global 1, global 2, local 1, ...).
     With source sizes (the decoded cache's, see UInt8Dataset) the crop boxes are drawn in the source
-    geometry and mapped onto the stretched square, as transforms.SourceCrop does."""
+    geometry and mapped onto the stretched square, as dino_crops.SourceCrop does."""
 
     wants_source_size = True
 

@@ -262,6 +262,6 @@ def dino_pipeline(table, rows, args, device, gpu: bool):
         from gpu_aug import DinoGpuMultiCrop, UInt8Dataset
         aug = DinoGpuMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
         return _with_prepare(UInt8Dataset(table, rows, aug), device)
-    from transforms import DinoMultiCrop
+    from dino_crops import DinoMultiCrop
     tf = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
     return _with_prepare(ImageDataset(table, rows, tf), device)

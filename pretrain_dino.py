@@ -7,7 +7,7 @@ output (Caron et al., 2021). Defaults follow the official implementation (facebo
 main_dino.py), as the paper says its DINO runs did, with one exception that keeps the comparison with
 CASS fair: the global crops are 384 px, the size CASS pretrains at and finetune.py fine-tunes at
 (official: 224; --img-size 224 gives it). Multi-crop 2 x 384 px + 8 x 96 px, cut in each image's own
-aspect ratio (also from the square decoded cache, see transforms.SourceCrop), a projection head of 65536
+aspect ratio (also from the square decoded cache, see dino_crops.SourceCrop), a projection head of 65536
 outputs, AdamW at 5e-4 x batch / 256 with 10 warm-up epochs and cosine decay, weight
 decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperature 0.04, centre momentum 0.9,
 last layer frozen for the first epoch, per-parameter gradient clipping at 3.0. Batch 16 and 100
@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from common import UserError, add_common_args, atomic_write_json, autocast, pick_device, run_cli, seed_everything
 from datasets import load_data, load_table, write_skipped
+from dino_crops import dino_cache_size
 from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from loading import dino_pipeline, make_loader, use_gpu_aug
 from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from transforms import dino_cache_size
 from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
                   seed_epoch)
 

@@ -17,6 +17,7 @@ import datasets as D
 import decoded_cache as DC
 import loading as LD
 import transforms as TR
+from dino_crops import dino_cache_size
 
 
 def make_files(root, n=6, sizes=((40, 30), (24, 24))):
@@ -112,8 +113,8 @@ def test_load_data_uses_the_cache_unless_no_cache(tmp_path, monkeypatch):
 
 
 def test_dino_cache_size():
-    assert TR.dino_cache_size(224, 96, (0.4, 1.0), (0.05, 0.4)) == 448
-    assert TR.dino_cache_size(64, 32, (0.4, 1.0), (0.05, 0.4)) == 160
+    assert dino_cache_size(224, 96, (0.4, 1.0), (0.05, 0.4)) == 448
+    assert dino_cache_size(64, 32, (0.4, 1.0), (0.05, 0.4)) == 160
 
 
 def _batches(ds, workers, epoch_seed, bs=4, **kw):

@@ -21,7 +21,7 @@ from models import load_weights
 from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler,
                            ema_update, make_optimizer, param_groups, train_step)
 from runs import read_csv_log
-from transforms import DinoMultiCrop
+from dino_crops import DinoMultiCrop
 
 CPU = torch.device("cpu")
 

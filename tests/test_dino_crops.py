@@ -1,6 +1,6 @@
 """DINO compared like for like with CASS: its global crops default to the fine-tuning size, and its
 crops keep each image's aspect ratio also when they are cut from the square decoded cache
-(transforms.SourceCrop on the CPU, the same mapping in gpu_aug.DinoGpuMultiCrop)."""
+(dino_crops.SourceCrop on the CPU, the same mapping in gpu_aug.DinoGpuMultiCrop)."""
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from datasets import ImageTable
 from gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
 from decoded_cache import cached_table
 from loading import ImageDataset
-from transforms import SourceCrop
+from dino_crops import SourceCrop
 
 
 def smooth_image(w, h):
