@@ -1,9 +1,19 @@
-"""Shared test setup: offline, CPU, the project root importable, and one synthetic-data cache per
-test session (generated once, reused by every test and subprocess through CASS_CACHE)."""
+"""Shared test setup: offline, CPU, the project root importable, one synthetic-data cache per test
+session (generated once, reused by every test and subprocess through CASS_CACHE), and the scripts'
+command lines run as a user would (start_script, run_script), through tests/script_server.py: a
+process that has imported torch and timm once forks for each command, with CASS_TEST_SERVER=1 (about
+5 s saved a command; tests/test_faults.py: 4 min 27 s instead of 5 min 40 s), else a fresh interpreter
+each time."""
 
+import json
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test of several seconds or more (script runs, sweeps); -m 'not slow' leaves them out")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def cass_cache(tmp_path_factory):
     """A per-session cache folder for generated data, exported to subprocesses."""
@@ -27,14 +33,120 @@ def cass_cache(tmp_path_factory):
     return Path(cache)
 
 
-def run_script(script, *args, cwd, check=True, timeout=600, stop_after_epoch=None):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess.
+class _Server:
+    """The session's script server (started on first use) and its socket."""
+    proc, socket, dir = None, None, None
+
+    @classmethod
+    def address(cls):
+        if not os.environ.get("CASS_TEST_SERVER"):
+            return None
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.dir = tempfile.mkdtemp(prefix="cass-script-server-")
+            cls.socket = os.path.join(cls.dir, "socket")
+            cls.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py"), cls.socket],
+                                        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            if cls.proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"tests/script_server.py did not start (exit {cls.proc.wait()})")
+        return cls.socket
+
+    @classmethod
+    def stop(cls):
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.kill()
+            cls.proc.wait()
+        cls.proc = None
+
+
+class ServedProcess:
+    """A command run by the script server, with Popen's interface as far as the tests use it: pid,
+    poll(), wait(timeout), communicate(timeout) -> (stdout, stderr) text, returncode."""
+
+    def __init__(self, argv, cwd, env, new_session, address):
+        self.args, self.returncode, self._buf = argv, None, b""
+        self._dir = tempfile.mkdtemp(prefix="run-", dir=_Server.dir)
+        self._out, self._err = os.path.join(self._dir, "stdout"), os.path.join(self._dir, "stderr")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(address)
+        self._sock.sendall(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": self._out,
+                                       "stderr": self._err, "new_session": new_session}).encode() + b"\n")
+        self.pid = self._message(None)["pid"]
+
+    def _message(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._sock], [], [], left)[0]:
+                return None
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"the script server ended while running {self.args}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self):
+        if self.returncode is None:
+            msg = self._message(0)
+            if msg is not None:
+                self.returncode = msg["returncode"]
+                self._sock.close()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            msg = self._message(timeout)
+            if msg is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = msg["returncode"]
+            self._sock.close()
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return Path(self._out).read_text(errors="replace"), Path(self._err).read_text(errors="replace")
+
+    def kill(self):
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def start_script(script, *args, cwd, env=None, hooks=None, new_session=False):
+    """Start `python ROOT/SCRIPT ARGS...` in `cwd` with `env` (default this process's environment), or
+    with hooks (a list of its flags, maybe empty) `python tests/run_with_hooks.py HOOKS... ROOT/SCRIPT
+    ARGS...`; stdin is empty, stdout and stderr are kept. Returns a subprocess.Popen, or with
+    CASS_TEST_SERVER=1 a ServedProcess."""
+    argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), str(ROOT / script), *map(str, args)]
+    env = dict(os.environ if env is None else env)
+    address = _Server.address()
+    if address is None:
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=new_session)
+    return ServedProcess(argv, cwd, env, new_session, address)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def script_server():
+    yield
+    _Server.stop()
+
+
+def run_script(script, *args, cwd, check=True, timeout=600, stop_after_epoch=None, env=None, hooks=None):
+    """Run one of the project's scripts as a user would; returns a subprocess.CompletedProcess.
 
     stop_after_epoch=N: through tests/run_with_hooks.py, which ends the run (exit 0) once epoch N's
     checkpoint is written, as a run killed then would leave its folder."""
-    hooks = [str(HOOKS), "--stop-after-epoch", str(stop_after_epoch)] if stop_after_epoch else []
-    proc = subprocess.run([sys.executable, *hooks, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    if stop_after_epoch:
+        hooks = [*(hooks or ()), "--stop-after-epoch", stop_after_epoch]
+    p = start_script(script, *args, cwd=cwd, env=env, hooks=hooks)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-3000:]}")

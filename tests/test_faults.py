@@ -12,15 +12,13 @@ import os
 import pickle
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HOOKS, ROOT, run_script
+from conftest import run_script, start_script
 from runs import read_csv_log
 
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
@@ -59,11 +57,10 @@ def run(script, out, cwd, fault=None, extra=(), stop_after_epoch=None):
     tests/run_with_hooks.py, which installs those hooks."""
     env = {**os.environ, **({"CASS_INJECT_FAULT": fault} if fault else {})}
     env.pop("CASS_DEBUG", None)
-    hooks = [str(HOOKS)] if fault or stop_after_epoch else []
+    hooks = [] if fault or stop_after_epoch else None
     if stop_after_epoch:
         hooks += ["--stop-after-epoch", str(stop_after_epoch)]
-    return subprocess.run([sys.executable, *hooks, str(ROOT / script), *TINY[script][0], *extra, "--out", out],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_script(script, *TINY[script][0], *extra, "--out", out, cwd=cwd, env=env, hooks=hooks, check=False)
 
 
 def error_lines(proc):
@@ -95,9 +92,7 @@ def checkpoint(out, name="checkpoint.pt"):
 def kill_after_first_epoch(script, args, out, cwd, sig=signal.SIGKILL, group=False):
     """Start the run and send it `sig` once its first epoch is logged (somewhere inside the next epoch).
     group=True: to its whole process group, as a terminal's Ctrl-C reaches the loader workers too."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, "--out", out], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=group)
+    proc = start_script(script, *args, "--out", out, cwd=cwd, new_session=group)
     log = cwd / out / "log.csv"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

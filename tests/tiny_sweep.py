@@ -49,7 +49,7 @@ def stubborn_jobs(prof) -> list:
 if "tiny" not in P.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
     P.PROFILES["tiny"] = TINY
     _study, _plan = S.study, RA.plan
-    S.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)
+    S.study = RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)  # (tables.py, run_all)
     RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
 
 
