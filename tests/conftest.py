@@ -1,9 +1,9 @@
 """Shared test setup: offline, CPU, the project root importable, one synthetic-data cache per test
 session (generated once, reused by every test and subprocess through CASS_CACHE), and the scripts'
 command lines run as a user would (start_script, run_script), through tests/script_server.py: a
-process that has imported torch and timm once forks for each command, with CASS_TEST_SERVER=1 (about
-5 s saved a command; tests/test_faults.py: 4 min 27 s instead of 5 min 40 s), else a fresh interpreter
-each time."""
+process that has imported torch and timm once forks for each command (about 7 s saved a command here;
+tests/test_faults.py + test_pretrain_cass.py: 2 min 50 s instead of 9 min 6 s). CASS_TEST_SERVER=0
+runs each command in a fresh interpreter instead."""
 
 import json
 import os
@@ -39,7 +39,7 @@ class _Server:
 
     @classmethod
     def address(cls):
-        if not os.environ.get("CASS_TEST_SERVER"):
+        if os.environ.get("CASS_TEST_SERVER", "1") == "0":
             return None
         if cls.proc is None or cls.proc.poll() is not None:
             cls.dir = tempfile.mkdtemp(prefix="cass-script-server-")
@@ -114,8 +114,8 @@ class ServedProcess:
 def start_script(script, *args, cwd, env=None, hooks=None, new_session=False):
     """Start `python ROOT/SCRIPT ARGS...` in `cwd` with `env` (default this process's environment), or
     with hooks (a list of its flags, maybe empty) `python tests/run_with_hooks.py HOOKS... ROOT/SCRIPT
-    ARGS...`; stdin is empty, stdout and stderr are kept. Returns a subprocess.Popen, or with
-    CASS_TEST_SERVER=1 a ServedProcess."""
+    ARGS...`; stdin is empty, stdout and stderr are kept. Returns a ServedProcess of the script
+    server, or with CASS_TEST_SERVER=0 a subprocess.Popen."""
     argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), str(ROOT / script), *map(str, args)]
     env = dict(os.environ if env is None else env)
     address = _Server.address()

@@ -14,7 +14,7 @@ from models import create_backbone, save_weights
 
 def tiny_vit(num_classes=6):
     torch.manual_seed(0)
-    return create_backbone("vit_tiny_patch16_224", "random", num_classes=num_classes, img_size=32).eval()
+    return create_backbone("test_vit", "random", num_classes=num_classes, img_size=32).eval()
 
 
 def test_fused_attention_is_the_default_and_hides_attention_from_hooks():
@@ -59,7 +59,7 @@ def test_cls_attention_shape_and_dependence_on_input():
 
 def test_larger_grid_and_register_tokens():
     torch.manual_seed(0)
-    model = create_backbone("vit_tiny_patch16_224", "random", num_classes=3, img_size=64).eval()
+    model = create_backbone("test_vit", "random", num_classes=3, img_size=64).eval()
     assert AM.cls_attention(model, torch.randn(1, 3, 64, 64)).shape == (1, 3, 4, 4)
     reg = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, reg_tokens=4,
                             num_classes=3).eval()
@@ -70,7 +70,7 @@ def test_larger_grid_and_register_tokens():
 
 def test_feature_maps_five_stages_of_resnet18():
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=6).eval()
+    model = timm.create_model("test_resnet", num_classes=6).eval()
     x = torch.randn(1, 3, 64, 64)
     fm = AM.feature_maps(model, x)
     assert [n for n, _ in fm] == ["act1", "layer1", "layer2", "layer3", "layer4"]
@@ -83,16 +83,16 @@ def test_feature_maps_five_stages_of_resnet18():
 
 @pytest.mark.slow
 def test_cli_writes_the_figures(tmp_path):
-    vit, cnn = tiny_vit(), timm.create_model("resnet18", num_classes=6)
+    vit, cnn = tiny_vit(), timm.create_model("test_resnet", num_classes=6)
     save_weights(vit, tmp_path / "sup_vit.safetensors")
-    save_weights(create_backbone("vit_tiny_patch16_224", "random", img_size=32), tmp_path / "cass_vit.safetensors")
+    save_weights(create_backbone("test_vit", "random", img_size=32), tmp_path / "cass_vit.safetensors")
     save_weights(cnn, tmp_path / "sup_cnn.safetensors")
-    save_weights(timm.create_model("resnet18"), tmp_path / "cass_cnn.safetensors")  # 1000-class head, as CASS
+    save_weights(timm.create_model("test_resnet"), tmp_path / "cass_cnn.safetensors")  # 1000-class head, as CASS
     out = tmp_path / "figs"
     proc = run_script("attention_maps.py", "--data", "synthetic", "--img-size", 32, "--split-file",
-                      tmp_path / "split.json", "--arch", "vit_tiny_patch16_224",
+                      tmp_path / "split.json", "--arch", "test_vit",
                       "--weights", tmp_path / "sup_vit.safetensors", "--compare", tmp_path / "cass_vit.safetensors",
-                      "--cnn", "resnet18", "--cnn-weights", tmp_path / "sup_cnn.safetensors",
+                      "--cnn", "test_resnet", "--cnn-weights", tmp_path / "sup_cnn.safetensors",
                       "--cnn-compare", tmp_path / "cass_cnn.safetensors", "--n", 5, "--out", out, cwd=tmp_path)
     for name in ("fig3_attention_single.png", "fig7_attention_mean.png", "fig5_feature_map_stem.png",
                  "fig6_feature_maps.png", "maps_summary.json"):
@@ -109,8 +109,8 @@ def test_cli_writes_the_figures(tmp_path):
 def test_cli_refuses_non_vit_and_missing_weights(tmp_path):
     proc = run_script("attention_maps.py", "--data", "synthetic", "--out", tmp_path, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--weights" in proc.stderr
-    save_weights(timm.create_model("resnet18", num_classes=6), tmp_path / "r.safetensors")
+    save_weights(timm.create_model("test_resnet", num_classes=6), tmp_path / "r.safetensors")
     proc = run_script("attention_maps.py", "--data", "synthetic", "--img-size", 32, "--split-file",
-                      tmp_path / "split.json", "--arch", "resnet18", "--weights", tmp_path / "r.safetensors",
+                      tmp_path / "split.json", "--arch", "test_resnet", "--weights", tmp_path / "r.safetensors",
                       "--n", 2, "--out", tmp_path, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "class token" in proc.stderr

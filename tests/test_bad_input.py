@@ -28,13 +28,13 @@ SIZE = ["--img-size", "32", "--workers", "0", "--bs", "4", "--epochs", "1"]
 
 
 def finetune(data_root, out, *more, data="folder"):
-    return ("finetune.py", "--data", data, "--data-root", data_root, "--arch", "resnet18", "--init", "random",
+    return ("finetune.py", "--data", data, "--data-root", data_root, "--arch", "test_resnet", "--init", "random",
             *SIZE, "--out", out, *more)
 
 
 def pretrain_cass(data_root, out, *more, init="random"):
-    return ("pretrain_cass.py", "--data", "folder", "--data-root", data_root, "--cnn", "resnet18",
-            "--vit", "vit_tiny_patch16_224", "--init", init, *SIZE, "--out", out, *more)
+    return ("pretrain_cass.py", "--data", "folder", "--data-root", data_root, "--cnn", "test_resnet",
+            "--vit", "test_vit", "--init", init, *SIZE, "--out", out, *more)
 
 
 def make_images(root: Path, classes=3, per_class=10, size=40) -> Path:
@@ -172,7 +172,7 @@ def case_class_without_example(d):
 def case_weights_other_arch(d):
     import timm
     from models import save_weights
-    save_weights(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0), d / "vit.safetensors")
+    save_weights(timm.create_model("test_vit", img_size=32, num_classes=0), d / "vit.safetensors")
     make_images(d / "data")
     return [finetune(d / "data", d / "out", "--weights", d / "vit.safetensors")]
 
@@ -374,7 +374,7 @@ def test_bad_input_leaves_no_output_folder(cli, case):
 @uses("weights_other_arch")
 def test_weights_of_another_architecture(cli):
     one_error_line(result(cli, "weights_other_arch")[0][0],
-                   f"--weights {cli.base / 'weights_other_arch' / 'vit.safetensors'}", "does not fit resnet18")
+                   f"--weights {cli.base / 'weights_other_arch' / 'vit.safetensors'}", "does not fit test_resnet")
 
 
 @uses("weights_text")

@@ -69,17 +69,17 @@ def test_var_reg_adds_the_weighted_terms_and_off_is_equation_1():
 
 
 def test_cass_arm_shapes_and_heads_apart():
-    bb = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    bb = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     arm = CassArm(bb, MLPHead(512, 32, 16), MLPHead(16, 8, 16))
     z, p = arm(torch.randn(4, 3, 32, 32))
     assert z.shape == (4, 16) and p.shape == (4, 16)
     heads = arm.heads_state_dict()
     assert heads and all(k.startswith(("projector.", "predictor.")) for k in heads)
-    z, p = CassArm(timm.create_model("resnet18", pretrained=False, num_classes=10))(torch.randn(2, 3, 32, 32))
+    z, p = CassArm(timm.create_model("test_resnet", pretrained=False, num_classes=10))(torch.randn(2, 3, 32, 32))
     assert z.shape == (2, 10) and p is None
 
 
-SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "48",
          "--monitor-bank", "32", "--monitor-val", "16"]
 OPTIONS = {"predictor": ["--predictor", "--pred-hidden", "32"],
@@ -106,7 +106,7 @@ def test_each_option_runs_and_its_weights_fine_tune(tmp_path, name):
     cnn = load_file(out / "cnn.safetensors")  # the backbone alone: no head keys leak in
     assert not any(k.startswith(("projector.", "predictor.", "backbone.")) for k in cnn)
     assert any(k.startswith("fc.") for k in cnn) == ("--projector" not in OPTIONS[name])
-    run_script("finetune.py", "--data", "synthetic", "--arch", "vit_tiny_patch16_224", "--img-size", "32",
+    run_script("finetune.py", "--data", "synthetic", "--arch", "test_vit", "--img-size", "32",
                "--weights", out / "vit.safetensors", "--eval", "knn", "--workers", "0", "--out", "knn", cwd=tmp_path)
     assert (tmp_path / "knn" / "metrics.json").is_file()
 

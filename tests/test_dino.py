@@ -304,9 +304,9 @@ def dino(tmp_path, out, *extra, check=True, stop_after_epoch=None):
 
 @pytest.fixture(scope="module")
 def resnet_runs(tmp_path_factory):
-    """resnet18, 2 epochs of 2 steps: once straight, once stopped after epoch 1 and rerun."""
+    """test_resnet, 2 epochs of 2 steps: once straight, once stopped after epoch 1 and rerun."""
     tmp = tmp_path_factory.mktemp("dino")
-    args = ["--arch", "resnet18", "--epochs", "2"]
+    args = ["--arch", "test_resnet", "--epochs", "2"]
     straight = dino(tmp, "straight", *args)
     dino(tmp, "resumed", *args, stop_after_epoch=1)
     stopped_early = not (tmp / "resumed" / "backbone.safetensors").exists()
@@ -317,15 +317,15 @@ def resnet_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dino_vit")
-    return tmp, dino(tmp, "straight", "--arch", "vit_tiny_patch16_224", "--epochs", "1")
+    return tmp, dino(tmp, "straight", "--arch", "test_vit", "--epochs", "1")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,kw", [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32})])
+@pytest.mark.parametrize("arch,kw", [("test_resnet", {}), ("test_vit", {"img_size": 32})])
 def test_cli_run_and_weights_load_for_finetuning(request, arch, kw):
-    tmp, proc = request.getfixturevalue("resnet_runs")[:2] if arch == "resnet18" else request.getfixturevalue("vit_run")
+    tmp, proc = request.getfixturevalue("resnet_runs")[:2] if arch == "test_resnet" else request.getfixturevalue("vit_run")
     out = tmp / "straight"
-    epochs = 2 if arch == "resnet18" else 1
+    epochs = 2 if arch == "test_resnet" else 1
     assert f"done: {epochs} epochs" in proc.stdout
     for name in ("config.json", "log.csv", "backbone.safetensors", "student_backbone.safetensors", "checkpoint.pt"):
         assert (out / name).is_file(), name
@@ -377,5 +377,5 @@ def test_resume_gives_the_same_teacher_bit_for_bit(resnet_runs):
 def test_bad_flags_are_one_line_errors(tmp_path):
     proc = dino(tmp_path, "bad", "--arch", "no_such_model_xyz", "--epochs", "1", check=False)
     assert proc.returncode == 2 and "unknown timm model" in proc.stderr and "Traceback" not in proc.stderr
-    proc = dino(tmp_path, "bad2", "--arch", "resnet18", "--bs", "32", check=False)
+    proc = dino(tmp_path, "bad2", "--arch", "test_resnet", "--bs", "32", check=False)
     assert proc.returncode == 2 and "--bs 32 is larger" in proc.stderr

@@ -31,7 +31,7 @@ from runs import read_csv_log
 
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 
-ARGS = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+ARGS = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
         "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "32",
         "--cnn-opt", "sgd"]
 LR, STEPS = 1e-3, 4
@@ -102,7 +102,7 @@ def test_only_rank_0_writes(runs):
     assert not [n for n in names if n.endswith(".tmp")]
 
 
-DINO = ["--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--local-size", "16", "--local-crops", "2",
+DINO = ["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--local-size", "16", "--local-crops", "2",
         "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32", "--init", "random", "--workers", "0",
         "--bs", "16", "--epochs", "2", "--limit-train", "40", "--optimizer", "sgd", "--lr", "0.5",
         "--warmup-epochs", "0"]

@@ -24,14 +24,14 @@ from runs import read_csv_log
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 
 TINY = {
-    "pretrain_cass.py": (["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224",
+    "pretrain_cass.py": (["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit",
                           "--img-size", "32", "--init", "random", "--workers", "0", "--bs", "16",
                           "--epochs", "3", "--limit-train", "64"], ["cnn.safetensors", "vit.safetensors"]),
-    "pretrain_dino.py": (["--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--local-size", "16",
+    "pretrain_dino.py": (["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--local-size", "16",
                           "--local-crops", "2", "--out-dim", "1024", "--hidden-dim", "256", "--bottleneck-dim",
                           "64", "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "3",
                           "--limit-train", "64"], ["backbone.safetensors"]),
-    "finetune.py": (["--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--init", "random",
+    "finetune.py": (["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--init", "random",
                      "--workers", "0", "--bs", "32", "--epochs", "3", "--patience", "0", "--label-frac", "0.05"],
                     ["best.safetensors", "metrics.json"]),
 }

@@ -3,7 +3,7 @@ starting weights, errors, command-line runs on the synthetic data, frozen-featur
 resume.
 
 Runs that only need plumbing use a tiny class-per-folder data set and timm's `test_resnet` (0.4M
-parameters); the command-line runs use the real synthetic data and resnet18 as a user would."""
+parameters); the command-line runs use the real synthetic data and timm's test_resnet as a user would."""
 
 import csv
 import json
@@ -81,7 +81,7 @@ def read_json(path):
 def cli_run(tmp_path_factory, data, epochs):
     cwd = tmp_path_factory.mktemp(f"cli-{data}")
     out = cwd / "run"
-    proc = run_script("finetune.py", "--data", data, "--arch", "resnet18", "--init", "random", "--img-size", 32,
+    proc = run_script("finetune.py", "--data", data, "--arch", "test_resnet", "--init", "random", "--img-size", 32,
                       "--epochs", epochs, "--label-frac", 0.1, "--bs", 32, "--workers", 0, "--out", out, cwd=cwd)
     return SimpleNamespace(cwd=cwd, out=out, proc=proc, data=data, epochs=epochs)
 
@@ -122,8 +122,8 @@ def check_run_files(run, n_classes):
     lab = read_json(out / "labelled_ids.json")
     assert lab["ids"] == [table.ids[r] for r in FT.labelled_subset(table, split["train"], 0.1, 0)]
     assert lab["n_labelled"] == round(0.1 * len(split["train"]))
-    # best.safetensors is the restored model: a resnet18 with a head for the classes
-    model = models.create_backbone("resnet18", "random", num_classes=n_classes)
+    # best.safetensors is the restored model: a test_resnet with a head for the classes
+    model = models.create_backbone("test_resnet", "random", num_classes=n_classes)
     assert models.load_weights(model, out / "best.safetensors") == []
     assert "done (finetune): best epoch" in run.proc.stdout
     return m
@@ -323,14 +323,14 @@ def args_for(arch, weights=None, init="random", img_size=32):
 @pytest.mark.parametrize("file_classes", [1000, 3, 0])  # a CASS arm's 1000-d head, a head of the same shape, none
 def test_fine_tuning_starts_from_the_backbone_of_the_weight_file(tmp_path, file_classes):
     torch.manual_seed(1)
-    src = models.create_backbone("resnet18", "random", num_classes=file_classes)
+    src = models.create_backbone("test_resnet", "random", num_classes=file_classes)
     with torch.no_grad():  # make the BatchNorm statistics distinguishable from a fresh model's
         for mod in src.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-1, 1), mod.running_var.uniform_(0.5, 2)
     models.save_weights(src, tmp_path / "cnn.safetensors")
     torch.manual_seed(2)
-    model, fresh = FT.build_model(args_for("resnet18", tmp_path / "cnn.safetensors"), 3)
+    model, fresh = FT.build_model(args_for("test_resnet", tmp_path / "cnn.safetensors"), 3)
     assert fresh == ["fc.bias", "fc.weight"]
     own, file = model.state_dict(), load_file(tmp_path / "cnn.safetensors")
     backbone = [k for k in own if not k.startswith("fc.")]
@@ -368,25 +368,25 @@ def test_the_first_training_step_sees_the_weight_files_backbone(folder_data, tmp
 
 
 def test_vit_arm_weights_load_with_a_new_head(tmp_path):
-    src = models.create_backbone("vit_tiny_patch16_224", "random", num_classes=1000, img_size=32)
+    src = models.create_backbone("test_vit", "random", num_classes=1000, img_size=32)
     models.save_weights(src, tmp_path / "vit.safetensors")
-    model, fresh = FT.build_model(args_for("vit_tiny_patch16_224", tmp_path / "vit.safetensors"), 4)
+    model, fresh = FT.build_model(args_for("test_vit", tmp_path / "vit.safetensors"), 4)
     assert fresh == ["head.bias", "head.weight"]
     own, file = model.state_dict(), load_file(tmp_path / "vit.safetensors")
     assert all(torch.equal(own[k], file[k]) for k in own if not k.startswith("head."))
 
 
 def test_init_path_is_the_same_as_weights(tmp_path):
-    a = FT.get_args(["--init", str(tmp_path / "w.safetensors"), "--arch", "resnet18"])
+    a = FT.get_args(["--init", str(tmp_path / "w.safetensors"), "--arch", "test_resnet"])
     assert a.weights == str(tmp_path / "w.safetensors") and a.init == "random"
-    assert a.out == f"runs/finetune/synthetic-resnet18-{tmp_path.name}-w-frac1-seed0"
+    assert a.out == f"runs/finetune/synthetic-test_resnet-{tmp_path.name}-w-frac1-seed0"
 
 
 @pytest.mark.slow
 def test_a_weight_file_of_another_arch_is_a_one_line_error(folder_data, tmp_path):
-    vit = models.create_backbone("vit_tiny_patch16_224", "random", num_classes=0, img_size=32)
+    vit = models.create_backbone("test_vit", "random", num_classes=0, img_size=32)
     models.save_weights(vit, tmp_path / "vit.safetensors")
-    proc = run_script("finetune.py", "--data", "folder", "--data-root", folder_data, "--arch", "resnet18",
+    proc = run_script("finetune.py", "--data", "folder", "--data-root", folder_data, "--arch", "test_resnet",
                       "--weights", tmp_path / "vit.safetensors", "--img-size", 32, "--workers", 0,
                       "--no-cache",  # (else the first test to read this folder also prints the cache's progress line)
                       cwd=tmp_path, check=False)

@@ -259,7 +259,7 @@ def test_training_vits_use_fused_attention():
     import timm.layers
 
     from models import create_backbone
-    vit = create_backbone("vit_tiny_patch16_224", "random", img_size=32)
+    vit = create_backbone("test_vit", "random", img_size=32)
     assert timm.layers.use_fused_attn() and all(b.attn.fused_attn for b in vit.blocks)
 
 

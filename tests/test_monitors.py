@@ -120,7 +120,7 @@ def test_monitor_of_a_constant_backbone_reads_collapse():
     assert M.collapsed_arms({k: v for k, v in row.items()}) == ["const"]  # no output spread: the features'
 
 
-SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "48",
          "--monitor-bank", "64", "--monitor-val", "32"]
 
@@ -163,7 +163,7 @@ def test_the_monitor_changes_nothing_in_training(cass_runs):
 
 @pytest.mark.slow
 def test_dino_log_holds_the_teachers_monitors(tmp_path):
-    proc = run_script("pretrain_dino.py", "--data", "synthetic", "--arch", "resnet18", "--img-size", "32",
+    proc = run_script("pretrain_dino.py", "--data", "synthetic", "--arch", "test_resnet", "--img-size", "32",
                       "--local-size", "16", "--local-crops", "2", "--out-dim", "256", "--hidden-dim", "64",
                       "--bottleneck-dim", "32", "--init", "random", "--workers", "0", "--bs", "8", "--epochs", "1",
                       "--limit-train", "16", "--monitor-bank", "32", "--monitor-val", "16", "--out", "d",

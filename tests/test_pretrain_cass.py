@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import run_script
 from runs import read_csv_log
 
-SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16"]
 
 
@@ -31,7 +31,7 @@ def test_run_writes_its_files(two_epoch_run):
                  "vit_last.safetensors", "checkpoint.pt"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["cnn"] == "resnet18" and config["epochs"] == 2 and config["lr"] == 1e-3
+    assert config["cnn"] == "test_resnet" and config["epochs"] == 2 and config["lr"] == 1e-3
     rows = read_csv_log(out / "log.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     for key in ("loss", "lr_cnn", "lr_vit", "seconds", "img_per_s", "cnn_std", "vit_std", "guard_fired"):
@@ -40,7 +40,7 @@ def test_run_writes_its_files(two_epoch_run):
     assert "done: 2 epochs" in proc.stdout and "cnn.safetensors" in proc.stdout
 
 
-@pytest.mark.parametrize("arm,name,kw", [("cnn", "resnet18", {}), ("vit", "vit_tiny_patch16_224", {"img_size": 32})])
+@pytest.mark.parametrize("arm,name,kw", [("cnn", "test_resnet", {}), ("vit", "test_vit", {"img_size": 32})])
 def test_weights_reload_bit_identically_into_timm(two_epoch_run, arm, name, kw):
     out, _ = two_epoch_run
     for file in (f"{arm}.safetensors", f"{arm}_last.safetensors"):
@@ -115,13 +115,13 @@ def test_each_arm_can_start_from_its_own_weights(tmp_path):
     a random ResNet-200 beside an ImageNet ViT). With a zero learning rate the ViT (LayerNorm only,
     no running statistics) ends exactly as it started."""
     from models import save_weights
-    start = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    start = timm.create_model("test_vit", img_size=32)
     torch.nn.init.normal_(start.head.weight)  # unlike any fresh initialisation
     save_weights(start, tmp_path / "vit_start.safetensors")
     proc = cass(tmp_path, "arms", "--epochs", "1", "--limit-train", "16", "--lr", "0", "--min-lr", "0", "--no-swa",
                 "--vit-init", tmp_path / "vit_start.safetensors")
-    assert "resnet18 (11.7M, from random)" in proc.stdout and "vit_start.safetensors)" in proc.stdout
+    assert "test_resnet (0.5M, from random)" in proc.stdout and "vit_start.safetensors)" in proc.stdout
     a, b = load_file(tmp_path / "vit_start.safetensors"), load_file(tmp_path / "arms" / "vit_last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bad = cass(tmp_path, "bad", "--epochs", "1", "--cnn-init", tmp_path / "vit_start.safetensors", check=False)
-    assert bad.returncode == 2 and f"--cnn-init {tmp_path / 'vit_start.safetensors'} does not fit resnet18" in bad.stderr
+    assert bad.returncode == 2 and f"--cnn-init {tmp_path / 'vit_start.safetensors'} does not fit test_resnet" in bad.stderr
