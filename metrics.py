@@ -82,11 +82,11 @@ def write_predictions(path, ids, y_true, probs, class_names, multilabel, thresho
                 w.writerow(["id"] + [f"{k}_{n}" for k in ("true", "pred", "prob") for n in class_names])
                 for i, t, p in zip(ids, y_true, probs):
                     w.writerow([i] + [int(v > 0.5) for v in t] + [int(v >= threshold) for v in p]
-                               + [f"{v:.8g}" for v in p])
+                               + [f"{v:.9g}" for v in p])
             else:
                 w.writerow(["id", "y_true", "y_pred"] + [f"prob_{n}" for n in class_names])
                 for i, t, p in zip(ids, y_true, probs):
-                    w.writerow([i, int(t), int(np.argmax(p))] + [f"{v:.8g}" for v in p])
+                    w.writerow([i, int(t), int(np.argmax(p))] + [f"{v:.9g}" for v in p])
     atomic_write(path, write)
 
 

@@ -59,7 +59,7 @@ def test_cls_attention_shape_and_dependence_on_input():
 
 def test_larger_grid_and_register_tokens():
     torch.manual_seed(0)
-    model = create_backbone("test_vit", "random", num_classes=3, img_size=64).eval()
+    model = create_backbone("vit_tiny_patch16_224", "random", num_classes=3, img_size=64).eval()
     assert AM.cls_attention(model, torch.randn(1, 3, 64, 64)).shape == (1, 3, 4, 4)
     reg = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, reg_tokens=4,
                             num_classes=3).eval()
@@ -70,7 +70,7 @@ def test_larger_grid_and_register_tokens():
 
 def test_feature_maps_five_stages_of_resnet18():
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=6).eval()
+    model = timm.create_model("resnet18", num_classes=6).eval()
     x = torch.randn(1, 3, 64, 64)
     fm = AM.feature_maps(model, x)
     assert [n for n, _ in fm] == ["act1", "layer1", "layer2", "layer3", "layer4"]

@@ -69,13 +69,13 @@ def test_var_reg_adds_the_weighted_terms_and_off_is_equation_1():
 
 
 def test_cass_arm_shapes_and_heads_apart():
-    bb = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    bb = timm.create_model("resnet18", pretrained=False, num_classes=0)
     arm = CassArm(bb, MLPHead(512, 32, 16), MLPHead(16, 8, 16))
     z, p = arm(torch.randn(4, 3, 32, 32))
     assert z.shape == (4, 16) and p.shape == (4, 16)
     heads = arm.heads_state_dict()
     assert heads and all(k.startswith(("projector.", "predictor.")) for k in heads)
-    z, p = CassArm(timm.create_model("test_resnet", pretrained=False, num_classes=10))(torch.randn(2, 3, 32, 32))
+    z, p = CassArm(timm.create_model("resnet18", pretrained=False, num_classes=10))(torch.randn(2, 3, 32, 32))
     assert z.shape == (2, 10) and p is None
 
 

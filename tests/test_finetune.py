@@ -183,7 +183,7 @@ def assert_metrics_match(m, got, per):
     for key, value in got.items():
         if key == "confusion_matrix":
             assert m[key] == value
-        elif key == "auroc_macro":  # from probabilities rounded to 8 digits in the CSV
+        elif key == "auroc_macro":  # the CSV holds 9 significant digits: float32 probabilities exactly
             assert (m[key] is None) == (value is None)
             if value is not None:
                 assert m[key] == pytest.approx(value, abs=1e-6)
@@ -323,14 +323,14 @@ def args_for(arch, weights=None, init="random", img_size=32):
 @pytest.mark.parametrize("file_classes", [1000, 3, 0])  # a CASS arm's 1000-d head, a head of the same shape, none
 def test_fine_tuning_starts_from_the_backbone_of_the_weight_file(tmp_path, file_classes):
     torch.manual_seed(1)
-    src = models.create_backbone("test_resnet", "random", num_classes=file_classes)
+    src = models.create_backbone("resnet18", "random", num_classes=file_classes)
     with torch.no_grad():  # make the BatchNorm statistics distinguishable from a fresh model's
         for mod in src.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-1, 1), mod.running_var.uniform_(0.5, 2)
     models.save_weights(src, tmp_path / "cnn.safetensors")
     torch.manual_seed(2)
-    model, fresh = FT.build_model(args_for("test_resnet", tmp_path / "cnn.safetensors"), 3)
+    model, fresh = FT.build_model(args_for("resnet18", tmp_path / "cnn.safetensors"), 3)
     assert fresh == ["fc.bias", "fc.weight"]
     own, file = model.state_dict(), load_file(tmp_path / "cnn.safetensors")
     backbone = [k for k in own if not k.startswith("fc.")]

@@ -23,7 +23,7 @@ def n_hooks(model):
 
 
 def test_model_norm_feeds_the_vit_its_own_normalisation_through_every_entry_point():
-    vit = create_backbone("test_vit", "random", num_classes=0, img_size=32).eval()
+    vit = create_backbone("vit_tiny_patch16_224", "random", num_classes=0, img_size=32).eval()
     assert model_mean_std(vit) == ((0.5,) * 3, (0.5,) * 3)  # timm's augreg weights
     x01 = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_model_norm_feeds_the_vit_its_own_normalisation_through_every_entry_poin
 
 def test_paper_norm_and_imagenet_models_get_no_hook():
     x = torch.randn(2, 3, 32, 32)
-    for arch, norm in (("test_vit", "paper"), ("test_resnet", "paper"), ("test_resnet", "model")):
+    for arch, norm in (("vit_tiny_patch16_224", "paper"), ("resnet18", "paper"), ("resnet18", "model")):
         m = create_backbone(arch, "random", num_classes=0, img_size=32).eval()
         with torch.no_grad():
             before = m(x)
@@ -46,7 +46,7 @@ def test_paper_norm_and_imagenet_models_get_no_hook():
         apply_norm(m, "imagenet")
 
 
-SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
+SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "1", "--limit-train", "32", "--no-monitor"]
 
 
@@ -57,14 +57,14 @@ def test_norm_model_is_recorded_and_followed_by_finetune_and_attention_maps(tmp_
     assert json.loads((tmp_path / "model" / "config.json").read_text())["norm"] == "model"
     paper = run_script("pretrain_cass.py", *SMALL, "--out", "paper", cwd=tmp_path)
     assert "ImageNet normalisation" in paper.stdout
-    ft = ["finetune.py", "--data", "synthetic", "--arch", "test_vit", "--img-size", "32", "--eval", "knn",
+    ft = ["finetune.py", "--data", "synthetic", "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--eval", "knn",
           "--workers", "0"]
     for run, flags, want in (("model", [], "model"), ("paper", [], "paper"), ("model", ["--norm", "paper"], "paper")):
         out = f"ft-{run}-{want}"
         proc = run_script(*ft, "--weights", tmp_path / run / "vit.safetensors", *flags, "--out", out, cwd=tmp_path)
         assert json.loads((tmp_path / out / "config.json").read_text())["norm"] == want
         assert f"(--norm {want})" in proc.stdout
-    m = attention_maps.load_model("test_vit", tmp_path / "model" / "vit.safetensors", 32)
+    m = attention_maps.load_model("vit_tiny_patch16_224", tmp_path / "model" / "vit.safetensors", 32)
     assert n_hooks(m) == 1
-    assert n_hooks(attention_maps.load_model("test_vit", tmp_path / "paper" / "vit.safetensors", 32)) == 0
-    assert n_hooks(attention_maps.load_model("test_resnet", tmp_path / "model" / "cnn.safetensors", 32)) == 0
+    assert n_hooks(attention_maps.load_model("vit_tiny_patch16_224", tmp_path / "paper" / "vit.safetensors", 32)) == 0
+    assert n_hooks(attention_maps.load_model("resnet18", tmp_path / "model" / "cnn.safetensors", 32)) == 0
