@@ -431,21 +431,63 @@ def synthetic_dir(cache_dir, multilabel: bool, n_images: int = 3000, size: int =
     return Path(cache_dir).expanduser() / f"synthetic-v{SYNTHETIC_VERSION}-{kind}-n{n_images}-s{size}-seed{seed}"
 
 
+def _render_one(i: int) -> np.ndarray:
+    """Image i of the data set being generated (_JOB), from its own random stream."""
+    children, labels, multilabel, size, class_names = _JOB
+    rng = np.random.default_rng(children[i])
+    if multilabel:
+        return render_image(rng, size, [class_names[j] for j in np.flatnonzero(labels[i])])
+    others = [name for j, name in enumerate(class_names) if j != labels[i]]
+    minor = [others[rng.integers(len(others))]] if rng.random() < MINOR_PROBABILITY else []
+    return render_image(rng, size, [class_names[labels[i]]], minor)
+
+
+def _render_chunk(rows) -> np.ndarray:
+    return np.stack([_render_one(i) for i in rows])
+
+
+_JOB = None  # what _render_one needs, set before the worker processes fork
+CHUNK = 50
+
+
+def _generate_workers(n_images: int) -> int:
+    """Processes to render with: the usable cores (at most 8), forked (Linux); one where fork is
+    missing or this process may not have children (a daemonic worker), or for a small data set."""
+    import multiprocessing as mp
+    if n_images < 4 * CHUNK or "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
+
+
 def _generate(folder, multilabel, n_images, size, seed, progress):
+    global _JOB
     class_names = MULTI_LABEL_CLASSES if multilabel else SINGLE_LABEL_CLASSES
     root = np.random.SeedSequence([seed, int(multilabel), n_images, size])
     labels = _draw_labels(np.random.default_rng(root), multilabel, n_images)
     images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(n_images, size, size, 3))
-    children = root.spawn(n_images)
-    for i in tqdm(range(n_images), desc="generating synthetic images", disable=not progress):
-        rng = np.random.default_rng(children[i])
-        if multilabel:
-            images[i] = render_image(rng, size, [class_names[j] for j in np.flatnonzero(labels[i])])
-            continue
-        others = [name for j, name in enumerate(class_names) if j != labels[i]]
-        minor = [others[rng.integers(len(others))]] if rng.random() < MINOR_PROBABILITY else []
-        images[i] = render_image(rng, size, [class_names[labels[i]]], minor)
+    _JOB = (root.spawn(n_images), labels, multilabel, size, class_names)
+    chunks = [range(a, min(a + CHUNK, n_images)) for a in range(0, n_images, CHUNK)]
+    workers = _generate_workers(n_images)
+    bar = tqdm(total=n_images, desc="generating synthetic images", disable=not progress)
+    pool = None
+    try:
+        if workers == 1:
+            done = map(_render_chunk, chunks)
+        else:  # each image has its own random stream: the same bytes in any process
+            import multiprocessing as mp
+            pool = mp.get_context("fork").Pool(workers)
+            done = pool.imap(_render_chunk, chunks)
+        for rows, block in zip(chunks, done):
+            images[rows.start:rows.stop] = block
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        _JOB = None
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     images.flush()
     del images
     np.save(folder / "labels.npy", labels)

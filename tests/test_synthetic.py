@@ -27,6 +27,20 @@ def test_same_arguments_give_identical_files_and_other_seed_differs(tmp_path):
     assert not np.array_equal(load(a)[0], load(c)[0])
 
 
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_forked_workers_write_the_bytes_of_one_process(tmp_path, monkeypatch, multilabel):
+    """The images are rendered in chunks by forked processes (each image has its own random stream):
+    the files equal those of a one-process generation."""
+    kw = dict(n_images=4 * synthetic.CHUNK, size=32, seed=5, progress=False)
+    assert synthetic._generate_workers(10) == 1  # a small data set: no processes to start
+    monkeypatch.setattr(synthetic, "_generate_workers", lambda n: 1)
+    one = ensure_synthetic(tmp_path / "one", multilabel, **kw)
+    monkeypatch.setattr(synthetic, "_generate_workers", lambda n: 3)
+    three = ensure_synthetic(tmp_path / "three", multilabel, **kw)
+    for name in ("images.npy", "labels.npy", "meta.json"):
+        assert (one / name).read_bytes() == (three / name).read_bytes(), name
+
+
 def test_second_call_reuses_the_folder(tmp_path, monkeypatch):
     first = ensure_synthetic(tmp_path, True, progress=False, **SMALL)
     mtime = (first / "images.npy").stat().st_mtime_ns

@@ -3,8 +3,8 @@ data, for the tests of how run_all stops (test_run_all_signals.py).
 
     python tests/tiny_sweep.py tiny --runs R --results S [any run_all.py flag]
 
-The plan: the data job, one CASS pretraining (ResNet-18 + ViT-Ti/16 at 32 px, 64 images), then two
-fine-tunings of ResNet-18 on 5% of the labels, one from the CASS CNN arm and one from random init
+The plan: the data job, one CASS pretraining (timm's test_resnet + test_vit at 32 px, 64 images), then
+two fine-tunings of test_resnet on 5% of the labels, one from the CASS CNN arm and one from random init
 (the latter runs beside the pretraining with --jobs 2), then the tables. Run as a script, this file
 is also the main module of run_all's spawned workers, so the mode exists there too (tables.py).
 
@@ -23,9 +23,8 @@ import profiles as P  # noqa: E402
 import run_all as RA  # noqa: E402
 import study as S  # noqa: E402
 
-EPOCHS = 4
-# ResNet-18 + ViT-Ti/16 (not the quick mode's tiny backbones), so a run lasts long enough to be stopped
-TINY = replace(P.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224", seeds=(0,), pretrain_seeds=1,
+EPOCHS = 12  # (of about 0.4 s each: a run lasts long enough to be stopped in the middle)
+TINY = replace(P.QUICK, name="tiny", cnn="test_resnet", vit="test_vit", seeds=(0,), pretrain_seeds=1,
                seeds_by_data=(), seeds_by_frac=(), ft_epochs_by_frac=(), ft_epochs_by_arch=(), class_weights="minmax",
                epochs=EPOCHS, bs=16, jobs=2,
                cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0"),
@@ -35,8 +34,8 @@ TINY = replace(P.QUICK, name="tiny", cnn="resnet18", vit="vit_tiny_patch16_224",
 
 def tiny_study(prof) -> dict:
     cass = S.default_cass(prof, "synthetic")
-    cells = [S.Cell("CASS (ResNet-18)", "5%", S.Finetune("synthetic", prof.cnn, 0.05, cass, "cnn")),
-             S.Cell("Supervised (ResNet-18)", "5%", S.supervised(prof, "synthetic", prof.cnn, 0.05))]
+    cells = [S.Cell("CASS (test_resnet)", "5%", S.Finetune("synthetic", prof.cnn, 0.05, cass, "cnn")),
+             S.Cell("Supervised (test_resnet)", "5%", S.supervised(prof, "synthetic", prof.cnn, 0.05))]
     return {"tiny": S.TableDef("tiny", "Tiny sweep: test F1 (macro)", "synthetic", "f1_macro", "main", cells)}
 
 
