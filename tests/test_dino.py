@@ -360,6 +360,7 @@ def test_cli_run_and_weights_load_for_finetuning(request, arch, kw):
         assert (tmp / "ft" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # (the script runs of its fixture)
 def test_resume_gives_the_same_teacher_bit_for_bit(resnet_runs):
     tmp, _, resumed, stopped_early = resnet_runs
     assert stopped_early and "resuming" in resumed.stdout

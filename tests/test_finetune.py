@@ -194,6 +194,7 @@ def assert_metrics_match(m, got, per):
             assert m["per_class"][c][key] == pytest.approx(value, abs=1e-12), (c, key)
 
 
+@pytest.mark.slow  # (the script runs of its fixtures)
 @pytest.mark.parametrize("which", ["single", "multi"])
 def test_every_metric_is_recomputed_from_predictions_csv(which, request):
     run = request.getfixturevalue(f"{which}_run")
