@@ -27,7 +27,7 @@ PRELOAD = ("torch", "timm", "numpy", "PIL.Image", "sklearn.metrics", "sklearn.ne
            "safetensors.torch", "matplotlib", "tqdm",
            # the project: every module a script imports at start, and the optional ones
            "common", "distributed", "runs", "datasets", "loading", "transforms", "images", "models", "losses",
-           "monitors", "metrics", "probes", "decoded_cache", "gpu_aug", "dino_crops", "synthetic",
+           "monitors", "metrics", "probes", "decoded_cache", "layouts", "synthetic_cells", "gpu_aug", "dino_crops", "synthetic",
            "pretrain_cass", "pretrain_dino", "finetune", "attention_maps", "tables")
 
 

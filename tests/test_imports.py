@@ -1,5 +1,5 @@
 """What copying a script drags in: the optional parts (augmentation on the device, the decoded-image
-cache, the synthetic-data generator, run_all's machinery) are imported only when a run uses them."""
+cache, the synthetic-data generator, the CSV / brain MRI / ISIC / MedMNIST layouts, run_all's machinery) are imported only when a run uses them."""
 
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-OPTIONAL = ("gpu_aug", "decoded_cache", "synthetic", "dino_crops", "run_all", "job_runner", "study", "tables")
+OPTIONAL = ("gpu_aug", "decoded_cache", "synthetic", "synthetic_cells", "layouts", "dino_crops", "run_all",
+            "job_runner", "study", "tables")
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def test_paper_norm_and_imagenet_models_get_no_hook():
         apply_norm(m, "imagenet")
 
 
-SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "vit_tiny_patch16_224", "--img-size", "32",
+SMALL = ["--data", "synthetic", "--cnn", "resnet18", "--vit", "test_vit", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "1", "--limit-train", "32", "--no-monitor"]
 
 
@@ -57,14 +57,14 @@ def test_norm_model_is_recorded_and_followed_by_finetune_and_attention_maps(tmp_
     assert json.loads((tmp_path / "model" / "config.json").read_text())["norm"] == "model"
     paper = run_script("pretrain_cass.py", *SMALL, "--out", "paper", cwd=tmp_path)
     assert "ImageNet normalisation" in paper.stdout
-    ft = ["finetune.py", "--data", "synthetic", "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--eval", "knn",
+    ft = ["finetune.py", "--data", "synthetic", "--arch", "test_vit", "--img-size", "32", "--eval", "knn",
           "--workers", "0"]
     for run, flags, want in (("model", [], "model"), ("paper", [], "paper"), ("model", ["--norm", "paper"], "paper")):
         out = f"ft-{run}-{want}"
         proc = run_script(*ft, "--weights", tmp_path / run / "vit.safetensors", *flags, "--out", out, cwd=tmp_path)
         assert json.loads((tmp_path / out / "config.json").read_text())["norm"] == want
         assert f"(--norm {want})" in proc.stdout
-    m = attention_maps.load_model("vit_tiny_patch16_224", tmp_path / "model" / "vit.safetensors", 32)
+    m = attention_maps.load_model("test_vit", tmp_path / "model" / "vit.safetensors", 32)
     assert n_hooks(m) == 1
-    assert n_hooks(attention_maps.load_model("vit_tiny_patch16_224", tmp_path / "paper" / "vit.safetensors", 32)) == 0
+    assert n_hooks(attention_maps.load_model("test_vit", tmp_path / "paper" / "vit.safetensors", 32)) == 0
     assert n_hooks(attention_maps.load_model("resnet18", tmp_path / "model" / "cnn.safetensors", 32)) == 0
