@@ -8,11 +8,13 @@ runs each command in a fresh interpreter instead."""
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,18 +39,21 @@ class _Server:
     """The session's script server (started on first use) and its socket."""
     proc, socket, dir = None, None, None
 
+    lock = threading.Lock()  # (tests start commands from several threads at once)
+
     @classmethod
     def address(cls):
         if os.environ.get("CASS_TEST_SERVER", "1") == "0":
             return None
-        if cls.proc is None or cls.proc.poll() is not None:
-            cls.dir = tempfile.mkdtemp(prefix="cass-script-server-")
-            cls.socket = os.path.join(cls.dir, "socket")
-            cls.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py"), cls.socket],
-                                        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            if cls.proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"tests/script_server.py did not start (exit {cls.proc.wait()})")
-        return cls.socket
+        with cls.lock:
+            if cls.proc is None or cls.proc.poll() is not None:
+                cls.dir = tempfile.mkdtemp(prefix="cass-script-server-")
+                cls.socket = os.path.join(cls.dir, "socket")
+                cls.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py"), cls.socket],
+                                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                if cls.proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"tests/script_server.py did not start (exit {cls.proc.wait()})")
+            return cls.socket
 
     @classmethod
     def stop(cls):
@@ -56,6 +61,8 @@ class _Server:
             cls.proc.kill()
             cls.proc.wait()
         cls.proc = None
+        if cls.dir is not None:
+            shutil.rmtree(cls.dir, ignore_errors=True)
 
 
 class ServedProcess:
