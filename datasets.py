@@ -3,8 +3,8 @@
 `load_table(name, root)` reads a data set in the layout its curators ship (or generates the
 embedded synthetic one) into an `ImageTable`: sample ids, where each image lies, labels, class
 names; the class-per-folder trees (folder, dermofit) are read here, the other layouts in
-layouts.py (imported only for them). `get_split` makes or reuses the saved train/val/test split, so CASS, DINO, supervised
-training and every fine-tuning seed see the same images. `load_data` does both for the shared
+layouts.py (imported only for them). `get_split` makes or reuses the saved train/val/test split,
+so CASS, DINO, supervised training and every fine-tuning seed see the same images. `load_data` does both for the shared
 flags, with the decoded-image cache and the bad-image checks of decoded_cache.py (imported only for
 image files). From a table to batches: loading.py; the transforms: transforms.py.
 """
@@ -140,9 +140,9 @@ def load_synthetic(cache_dir, multilabel) -> ImageTable:
     return ImageTable(name, ids, labels, meta["class_names"], multilabel, array=images, root=str(folder))
 
 
-def _layout(loader: str, root) -> ImageTable:
+def _layouts():
     import layouts  # (the CSV, brain MRI, ISIC 2019 and MedMNIST layouts: only for those data sets)
-    return getattr(layouts, loader)(root)
+    return layouts
 
 
 def load_table(name: str, root=None, cache_dir=None) -> ImageTable:
@@ -152,13 +152,13 @@ def load_table(name: str, root=None, cache_dir=None) -> ImageTable:
     loaders = {
         "synthetic": lambda: load_synthetic(cache_dir, False),
         "synthetic-multilabel": lambda: load_synthetic(cache_dir, True),
-        "isic2019": lambda: _layout("load_isic2019", root),
-        "brain-mri": lambda: _layout("load_brain_mri", root),
+        "isic2019": lambda: _layouts().load_isic2019(root),
+        "brain-mri": lambda: _layouts().load_brain_mri(root),
         "dermofit": lambda: load_dermofit(root),
-        "autoimmune": lambda: _layout("load_autoimmune", root),
+        "autoimmune": lambda: _layouts().load_autoimmune(root),
         "folder": lambda: load_folder(root),
-        "csv": lambda: _layout("load_csv", root),
-        "medmnist": lambda: _layout("load_medmnist", root),
+        "csv": lambda: _layouts().load_csv(root),
+        "medmnist": lambda: _layouts().load_medmnist(root),
     }
     if name not in loaders:
         raise UserError(f"--data {name}: unknown data set (choose from {', '.join(DATA_NAMES)})")

@@ -39,6 +39,7 @@ once into `synthetic_dir(...)` (images.npy, labels.npy, meta.json) and reused af
 """
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -109,8 +110,8 @@ CHUNK = 50
 def _generate_workers(n_images: int) -> int:
     """Processes to render with: the usable cores (at most 8), forked (Linux); one where fork is
     missing or this process may not have children (a daemonic worker), or for a small data set."""
-    import multiprocessing as mp
-    if n_images < 4 * CHUNK or "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
+    if (n_images < 4 * CHUNK or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, 8))
@@ -126,15 +127,11 @@ def _generate(folder, multilabel, n_images, size, seed, progress):
     _JOB = (root.spawn(n_images), labels, multilabel, size, class_names)
     chunks = [range(a, min(a + CHUNK, n_images)) for a in range(0, n_images, CHUNK)]
     workers = _generate_workers(n_images)
+    # each image has its own random stream: the same bytes in any process
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     bar = tqdm(total=n_images, desc="generating synthetic images", disable=not progress)
-    pool = None
     try:
-        if workers == 1:
-            done = map(_render_chunk, chunks)
-        else:  # each image has its own random stream: the same bytes in any process
-            import multiprocessing as mp
-            pool = mp.get_context("fork").Pool(workers)
-            done = pool.imap(_render_chunk, chunks)
+        done = pool.imap(_render_chunk, chunks) if pool else map(_render_chunk, chunks)
         for rows, block in zip(chunks, done):
             images[rows.start:rows.stop] = block
             bar.update(len(rows))
