@@ -42,7 +42,8 @@ from torch import nn
 from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, run_cli
 from datasets import load_data
 from loading import ImageDataset
-from models import NORMS, apply_norm, create_backbone, head_prefixes, load_weights, norm_of_weights, read_state_dict
+from models import NORMS, apply_norm, create_backbone
+from weight_files import head_prefixes, load_weights, norm_of_weights, read_state_dict
 from transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 # ---------------------------------------------------------------- extraction

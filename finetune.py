@@ -42,9 +42,9 @@ from datasets import _strata, largest_remainder, load_data, write_skipped
 from loading import batch_to_device, cass_pipeline, eval_pipeline, make_loader, use_gpu_aug
 from losses import FocalLoss, class_weights
 from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
-from models import (NORMS, apply_norm, count_params, create_backbone, head_prefixes, is_transformer, load_weights,
-                    norm_of_weights, save_weights, sync_batchnorm, wrap_ddp)
+from models import NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm, wrap_ddp
 from probes import knn_probs, linear_probs  # (--eval knn / linear)
+from weight_files import head_prefixes, load_weights, norm_of_weights
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
@@ -188,7 +188,7 @@ def require_every_class(table, counts, split):
 def build_model(args, num_classes: int):
     """The backbone with a fresh `num_classes` head, and the list of keys that were initialised anew.
 
-    --weights: a randomly initialised timm model into which the file is loaded (models.load_weights
+    --weights: a randomly initialised timm model into which the file is loaded (weight_files.load_weights
     checks every backbone tensor); the head is always re-initialised, even where the file holds one
     of the right shape. Otherwise --init imagenet (timm's weights; the head is new) or random."""
     if not args.weights:

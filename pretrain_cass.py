@@ -27,7 +27,7 @@ from loading import cass_pipeline, make_loader, use_gpu_aug
 from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)
-from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
                   seed_epoch)
 
@@ -208,8 +208,10 @@ def main(argv=None):
             a.load_state_dict(ckpt[f"heads_{k}"], strict=False)  # (the backbone's keys are loaded above)
         start_epoch, partial = resume_point(out, ckpt)
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
-    monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed) \
-        if args.monitor and is_main() else None  # (rank 0 alone measures; the others go on)
+    monitor = None
+    if args.monitor and is_main():  # (rank 0 alone measures; the others go on)
+        from feature_monitors import Monitor
+        monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed)
     collapse = CollapseWarning(log.rows)
     if monitor is not None and start_epoch == 0 and partial is None:  # the start, drawn as epoch 0 in monitors.png
         atomic_write_json(out / "monitors_init.json", monitor.measure({"cnn": cnn, "vit": vit}))

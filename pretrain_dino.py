@@ -44,7 +44,7 @@ from loading import dino_pipeline, make_loader, use_gpu_aug
 from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
-from monitors import CollapseWarning, Monitor, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
+from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
                   seed_epoch)
 
@@ -410,6 +410,7 @@ def main(argv=None):
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
     monitor = None
     if args.monitor and is_main():  # the evaluation view of the original images (the cache holds DINO's crop source)
+        from feature_monitors import Monitor
         monitor = Monitor(load_table(args.data, args.data_root, args.cache_dir), split, args.img_size, device,
                           args.monitor_bank, args.monitor_val, seed=args.seed)
     collapse = CollapseWarning(log.rows)

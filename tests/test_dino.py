@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import ROOT, run_script
 from losses import DINOLoss, teacher_temp_schedule
-from models import load_weights
+from weight_files import load_weights
 from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler,
                            ema_update, make_optimizer, param_groups, train_step)
 from runs import read_csv_log

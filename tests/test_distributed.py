@@ -5,7 +5,7 @@ Why they can match: --bs is the global batch, split evenly over the processes (e
 other image of the epoch's order, so their batches together are the single process's batch);
 each image's augmentation is seeded by (epoch, row), not by the process or worker that loads it;
 DDP averages the gradients of the two halves, which equals the gradient of the whole batch's mean
-loss; BatchNorm is synchronised (models.CpuSyncBatchNorm on gloo, nn.SyncBatchNorm on CUDA) so
+loss; BatchNorm is synchronised (cpu_sync_batchnorm.CpuSyncBatchNorm on gloo, nn.SyncBatchNorm on CUDA) so
 its statistics are the whole batch's, and the SWA BatchNorm recomputation runs synchronised on
 both processes. What differs is only the order of floating-point sums (per-process partial sums,
 the all-reduce), hence allclose with a tight tolerance rather than equality.

@@ -23,6 +23,7 @@ import aggregate
 import datasets as D
 import finetune as FT
 import models
+import weight_files
 from common import UserError
 from conftest import run_script
 from run_with_hooks import stop_after_epoch
@@ -124,7 +125,7 @@ def check_run_files(run, n_classes):
     assert lab["n_labelled"] == round(0.1 * len(split["train"]))
     # best.safetensors is the restored model: a test_resnet with a head for the classes
     model = models.create_backbone("test_resnet", "random", num_classes=n_classes)
-    assert models.load_weights(model, out / "best.safetensors") == []
+    assert weight_files.load_weights(model, out / "best.safetensors") == []
     assert "done (finetune): best epoch" in run.proc.stdout
     return m
 

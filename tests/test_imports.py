@@ -1,6 +1,8 @@
 """What copying a script drags in: the optional parts (augmentation on the device, the decoded-image
-cache, the synthetic-data generator, the CSV / brain MRI / ISIC / MedMNIST layouts, run_all's machinery) are imported only when a run uses them."""
+cache, the synthetic-data generator, the CSV / brain MRI / ISIC / MedMNIST layouts, weight files, CPU
+synchronised BatchNorm, the feature monitors, run_all's machinery) are imported only when a run uses them."""
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,8 @@ import pytest
 from conftest import ROOT
 
 OPTIONAL = ("gpu_aug", "decoded_cache", "synthetic", "synthetic_cells", "layouts", "dino_crops", "run_all",
-            "job_runner", "study", "tables")
+            "job_runner", "study", "tables", "weight_files", "cpu_sync_batchnorm", "feature_monitors")
+ALLOWED = {"pretrain_dino": {"dino_crops"}, "finetune": {"weight_files"}, "attention_maps": {"weight_files"}}
 
 
 @pytest.mark.slow
@@ -19,7 +22,7 @@ def test_a_script_imports_no_optional_module(script):
             f"print(' '.join(m for m in {OPTIONAL!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
-    allowed = {"dino_crops"} if script == "pretrain_dino" else set()
+    allowed = ALLOWED.get(script, set())
     assert loaded <= allowed, f"{script} imports {sorted(loaded - allowed)} at start"
 
 
@@ -30,3 +33,14 @@ def test_the_optional_modules_are_imported_when_used(tmp_path):
             "print(' '.join(m for m in ('gpu_aug', 'synthetic', 'decoded_cache') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert set(out.stdout.split()) == {"gpu_aug", "synthetic"}  # (synthetic data: no decoded cache)
+
+
+@pytest.mark.slow
+def test_weight_files_are_imported_only_for_a_weight_file(tmp_path):
+    code = ("import sys, models; m = models.create_backbone('test_resnet', 'random'); a = 'weight_files' in sys.modules; "
+            f"models.save_weights(m, {str(tmp_path / 'w.safetensors')!r}); "
+            f"models.create_backbone('test_resnet', {str(tmp_path / 'w.safetensors')!r}); "
+            "print(a, 'weight_files' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.split() == ["False", "True"]

@@ -5,7 +5,8 @@ import timm
 import torch
 
 from common import UserError
-from models import create_backbone, load_weights, read_state_dict, save_weights
+from models import create_backbone, save_weights
+from weight_files import load_weights, read_state_dict
 
 ARCHS = [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32})]
 

@@ -1,4 +1,4 @@
-"""monitors.py: spread, effective rank, online k-NN, the collapse warning, and their place in the
+"""monitors.py and feature_monitors.py: spread, effective rank, online k-NN, the collapse warning, and their place in the
 pretraining runs' log.csv (CASS and DINO)."""
 
 import json
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.neighbors import KNeighborsClassifier
 
+import feature_monitors as F
 import monitors as M
 from conftest import run_script
 from runs import read_csv_log
@@ -21,13 +22,13 @@ def test_effective_rank_of_a_rank_k_matrix_is_k():
         u, _ = torch.linalg.qr(torch.randn(200, k, generator=g, dtype=torch.float64))
         v, _ = torch.linalg.qr(torch.randn(64, k, generator=g, dtype=torch.float64))
         a = u @ (5.0 * v.T)  # k equal singular values, the rest 0
-        assert M.effective_rank(a) == pytest.approx(k, rel=1e-3)  # (RankMe's eps = 1e-7 adds ~1e-4)
+        assert F.effective_rank(a) == pytest.approx(k, rel=1e-3)  # (RankMe's eps = 1e-7 adds ~1e-4)
 
 
 def test_effective_rank_against_a_hand_computation():
     a = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
     p = np.array([3, 2, 1]) / 6 + 1e-7
-    assert M.effective_rank(a) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert F.effective_rank(a) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
 
 
 def test_spread_of_a_collapsed_output_is_zero_and_of_orthogonal_rows_is_known():
@@ -56,16 +57,16 @@ def test_knn_accuracy_is_one_on_separable_features_and_matches_sklearn():
     ytr, yte = rng.integers(0, 4, 200), rng.integers(0, 4, 80)
     tr = centres[ytr] + rng.normal(size=(200, 4))
     te = centres[yte] + rng.normal(size=(80, 4))
-    assert M.knn_accuracy(tr, ytr, te, yte, k=20) == 1.0
+    assert F.knn_accuracy(tr, ytr, te, yte, k=20) == 1.0
     # overlapping classes, odd k with 2 classes (no ties): the same votes as scikit-learn's classifier
     ytr2, yte2 = ytr % 2, yte % 2
     tr2, te2 = rng.normal(size=(200, 5)) + ytr2[:, None] * 0.5, rng.normal(size=(80, 5)) + yte2[:, None] * 0.5
     ref = KNeighborsClassifier(n_neighbors=21, metric="cosine", algorithm="brute").fit(tr2, ytr2).score(te2, yte2)
-    assert M.knn_accuracy(tr2, ytr2, te2, yte2, k=21) == pytest.approx(ref)
+    assert F.knn_accuracy(tr2, ytr2, te2, yte2, k=21) == pytest.approx(ref)
     # multi-label: per (image, label) pair
     yml_tr = (centres[ytr][:, :3] > 0).astype(float)
     yml_te = (centres[yte][:, :3] > 0).astype(float)
-    assert M.knn_accuracy(tr, yml_tr, te, yml_te, k=5, multilabel=True) == 1.0
+    assert F.knn_accuracy(tr, yml_tr, te, yml_te, k=5, multilabel=True) == 1.0
 
 
 def _row(cnn, vit):
@@ -112,7 +113,7 @@ class FakeTable:
 def test_monitor_of_a_constant_backbone_reads_collapse():
     table = FakeTable(40)
     split = {"train": np.arange(30), "val": np.arange(30, 40), "test": np.arange(0)}
-    mon = M.Monitor(table, split, 8, torch.device("cpu"), n_bank=20, n_val=10)
+    mon = F.Monitor(table, split, 8, torch.device("cpu"), n_bank=20, n_val=10)
     assert mon.x["bank"].shape == (20, 3, 8, 8) and mon.x["val"].shape == (10, 3, 8, 8)
     row = mon.measure({"const": Constant()})
     assert row["const_feat_std"] == pytest.approx(0.0, abs=1e-12)

@@ -10,7 +10,7 @@ import torch
 import attention_maps
 from conftest import run_script
 from models import apply_norm, create_backbone, model_mean_std
-from monitors import pooled_features
+from feature_monitors import pooled_features
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 

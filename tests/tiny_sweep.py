@@ -8,7 +8,12 @@ two fine-tunings of test_resnet on 5% of the labels, one from the CASS CNN arm a
 (the latter runs beside the pretraining with --jobs 2), then the tables. Run as a script, this file
 is also the main module of run_all's spawned workers, so the mode exists there too (tables.py).
 
-TINY_STUBBORN=N puts N jobs first that ignore SIGTERM and sleep, as a run stuck in a long step."""
+TINY_STUBBORN=N puts N jobs first that ignore SIGTERM and sleep, as a run stuck in a long step.
+
+The tests stop a sweep while both runs are in their training loops, so the CASS run (12 epochs of a
+fraction of a second each) must not end before the supervised run beside it has started training, on
+however fast a CPU: after its first epoch's checkpoint, it waits until that run has saved one too (or
+finished; at most a minute). This changes no number the runs compute."""
 
 import os
 import signal
@@ -21,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import job_runner as JR  # noqa: E402
 import profiles as P  # noqa: E402
 import run_all as RA  # noqa: E402
+import runs as R  # noqa: E402
 import study as S  # noqa: E402
 
 EPOCHS = 12  # (of about 0.4 s each: a run lasts long enough to be stopped in the middle)
@@ -45,11 +51,27 @@ def stubborn_jobs(prof) -> list:
             for i in range(n)]
 
 
+SUPERVISED = Path("finetune") / "supervised-random" / "test_resnet-frac0.05-seed0"  # (beside the CASS run)
+
+
+def wait_for_the_supervised_run(stop_if_asked):
+    def paced(guard):
+        out = Path(guard.out)
+        if guard.epoch == 0 and out.parent.name == "cass":
+            sibling, deadline = out.parents[1] / SUPERVISED, time.time() + 60
+            while not any((sibling / f).exists() for f in ("checkpoint.pt", "metrics.json")) \
+                    and time.time() < deadline:
+                time.sleep(0.02)
+        stop_if_asked(guard)
+    return paced
+
+
 if "tiny" not in P.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
     P.PROFILES["tiny"] = TINY
     _study, _plan = S.study, RA.plan
     S.study = RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)  # (tables.py, run_all)
     RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
+    R.TrainingGuard.stop_if_asked = wait_for_the_supervised_run(R.TrainingGuard.stop_if_asked)
 
 
 def main(argv):
