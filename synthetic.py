@@ -42,6 +42,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -117,6 +118,14 @@ def _generate_workers(n_images: int) -> int:
     return max(1, min(cores or 1, 8))
 
 
+def _worker_signals():
+    """In each forked worker: SIGTERM ends it, whatever handler this process had installed (Pool.terminate
+    sends SIGTERM; a handler that only notes the signal, such as a training run's, would leave the
+    worker waiting for work and the pool's join waiting for ever); Ctrl-C is left to this process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _generate(folder, multilabel, n_images, size, seed, progress):
     global _JOB
     class_names = MULTI_LABEL_CLASSES if multilabel else SINGLE_LABEL_CLASSES
@@ -128,18 +137,23 @@ def _generate(folder, multilabel, n_images, size, seed, progress):
     chunks = [range(a, min(a + CHUNK, n_images)) for a in range(0, n_images, CHUNK)]
     workers = _generate_workers(n_images)
     # each image has its own random stream: the same bytes in any process
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    pool = multiprocessing.get_context("fork").Pool(workers, _worker_signals) if workers > 1 else None
     bar = tqdm(total=n_images, desc="generating synthetic images", disable=not progress)
     try:
         done = pool.imap(_render_chunk, chunks) if pool else map(_render_chunk, chunks)
         for rows, block in zip(chunks, done):
             images[rows.start:rows.stop] = block
             bar.update(len(rows))
+        if pool is not None:
+            pool.close()  # the workers finish and exit
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         _JOB = None
         if pool is not None:
-            pool.terminate()
             pool.join()
     images.flush()
     del images

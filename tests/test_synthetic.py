@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import synthetic
+from conftest import ROOT
 from synthetic import ensure_synthetic, synthetic_dir
 
 SMALL = dict(n_images=120, size=48)
@@ -39,6 +42,27 @@ def test_forked_workers_write_the_bytes_of_one_process(tmp_path, monkeypatch, mu
     three = ensure_synthetic(tmp_path / "three", multilabel, **kw)
     for name in ("images.npy", "labels.npy", "meta.json"):
         assert (one / name).read_bytes() == (three / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_workers_end_under_a_sigterm_handler_that_only_notes_the_signal(tmp_path, fail):
+    """As in a process whose training run has installed its SIGTERM handler: the pool's workers end,
+    after a generation that ends well or one that fails in a worker. (The first chunk fails while the
+    other worker renders the second: Pool.terminate's SIGTERM reached a worker in the middle of its
+    chunk, which then waited for work for ever, and the generation with it.)"""
+    code = ("import signal, sys, synthetic; signal.signal(signal.SIGTERM, lambda *a: print('noted')); "
+            "synthetic._generate_workers = lambda n: 2; render = synthetic._render_one; "
+            "synthetic._render_one = lambda i: 1 / 0 if sys.argv[2] == 'True' and 10 <= i < 50 else render(i); "
+            f"synthetic.ensure_synthetic(sys.argv[1], False, n_images={4 * synthetic.CHUNK}, size=32, progress=False); "
+            "print('done')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(fail)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    if fail:
+        assert out.returncode == 1 and "ZeroDivisionError" in out.stderr, out.stderr[-2000:]
+        assert list(tmp_path.rglob("images.npy")) == []  # (no half-written data set)
+    else:
+        assert out.returncode == 0 and out.stdout.split() == ["done"], out.stderr[-2000:]
 
 
 def test_second_call_reuses_the_folder(tmp_path, monkeypatch):
