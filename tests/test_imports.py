@@ -2,6 +2,7 @@
 cache, the synthetic-data generator, the CSV / brain MRI / ISIC / MedMNIST layouts, weight files, CPU
 synchronised BatchNorm, the feature monitors, run_all's machinery) are imported only when a run uses them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,13 +16,35 @@ OPTIONAL = ("gpu_aug", "decoded_cache", "synthetic", "synthetic_cells", "layouts
 ALLOWED = {"pretrain_dino": {"dino_crops"}, "finetune": {"weight_files"}, "attention_maps": {"weight_files"}}
 
 
+SCRIPTS = ("pretrain_cass", "pretrain_dino", "finetune", "attention_maps")
+
+# One interpreter for the four scripts: each is imported with none of the project's modules loaded
+# (those of the script before are dropped from sys.modules), and what it loaded is printed.
+WHAT_EACH_IMPORTS = f"""
+import json, sys
+from pathlib import Path
+project = {{p.stem for p in Path('.').glob('*.py')}}
+loaded = {{}}
+for script in {SCRIPTS!r}:
+    for m in [m for m in sys.modules if m in project]:
+        del sys.modules[m]
+    __import__(script)
+    loaded[script] = [m for m in {OPTIONAL!r} if m in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+@pytest.fixture(scope="module")
+def imported_at_start():
+    out = subprocess.run([sys.executable, "-c", WHAT_EACH_IMPORTS], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["pretrain_cass", "pretrain_dino", "finetune", "attention_maps"])
-def test_a_script_imports_no_optional_module(script):
-    code = (f"import sys; import {script}; "
-            f"print(' '.join(m for m in {OPTIONAL!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    loaded = set(out.stdout.split())
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_imports_no_optional_module(script, imported_at_start):
+    loaded = set(imported_at_start[script])
     allowed = ALLOWED.get(script, set())
     assert loaded <= allowed, f"{script} imports {sorted(loaded - allowed)} at start"
 
