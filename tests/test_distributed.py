@@ -38,7 +38,7 @@ LR, STEPS = 1e-3, 4
 
 
 def torchrun(script, *args, cwd, nproc=2, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(cwd))  # (torchrun's own folders, removed with cwd)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -140,7 +140,7 @@ def test_sigterm_under_torchrun_saves_once_and_the_rerun_ends_like_the_uninterru
     143; torchrun again continues from that step and ends with the uninterrupted DDP run's weights
     and per-epoch losses."""
     tmp, _ = runs
-    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HOOKS), str(ROOT / "pretrain_cass.py"), *ARGS, "--out", "stopped"]  # the hooks: the fault
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
