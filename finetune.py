@@ -42,7 +42,8 @@ from datasets import _strata, largest_remainder, load_data, write_skipped
 from loading import batch_to_device, cass_pipeline, eval_pipeline, make_loader, use_gpu_aug
 from losses import FocalLoss, class_weights
 from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
-from models import NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm, wrap_ddp
+from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
+                    wrap_ddp)
 from probes import knn_probs, linear_probs  # (--eval knn / linear)
 from weight_files import head_prefixes, load_weights, norm_of_weights
 

@@ -1,6 +1,7 @@
 """Weight files: reading a safetensors file or a torch state dict (as DINO, the scripts and timm
 write them), loading one into a timm model with a check that it fits (only the classifier may be new),
-and the --norm of the run that wrote one. Imported by models.create_backbone only for --init PATH."""
+and the --norm of the run that wrote one. models.create_backbone imports it only for --init PATH;
+finetune.py and attention_maps.py, which always read weight files, at start."""
 
 import json
 from pathlib import Path

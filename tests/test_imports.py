@@ -60,7 +60,8 @@ def test_the_optional_modules_are_imported_when_used(tmp_path):
 
 @pytest.mark.slow
 def test_weight_files_are_imported_only_for_a_weight_file(tmp_path):
-    code = ("import sys, models; m = models.create_backbone('test_resnet', 'random'); a = 'weight_files' in sys.modules; "
+    code = ("import sys, models; m = models.create_backbone('test_resnet', 'random'); "
+            "a = 'weight_files' in sys.modules; "
             f"models.save_weights(m, {str(tmp_path / 'w.safetensors')!r}); "
             f"models.create_backbone('test_resnet', {str(tmp_path / 'w.safetensors')!r}); "
             "print(a, 'weight_files' in sys.modules)")

@@ -1,5 +1,5 @@
-"""monitors.py and feature_monitors.py: spread, effective rank, online k-NN, the collapse warning, and their place in the
-pretraining runs' log.csv (CASS and DINO)."""
+"""monitors.py and feature_monitors.py: spread, effective rank, online k-NN, the collapse warning, and
+their place in the pretraining runs' log.csv (CASS and DINO)."""
 
 import json
 import math
