@@ -277,6 +277,7 @@ def finetune_step(fwd, x, y, criterion, opt, device):
 
 # ---------------------------------------------------------------- main
 
+@runs.restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
     device = distributed.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU

@@ -28,8 +28,8 @@ from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, resume_point, save_checkpoint,
-                  seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
+                  resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -136,6 +136,7 @@ def has_batchnorm(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
     device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)

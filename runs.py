@@ -5,6 +5,7 @@ middle of the epoch and its resumption), and the watch on non-finite losses; Tra
 last three together for a training loop."""
 
 import csv
+import functools
 import json
 import os
 import random
@@ -143,7 +144,8 @@ class StopOnSignal:
     """SIGTERM (a cluster scheduler's pre-emption, `kill`) and SIGINT (Ctrl-C) ask the training loop
     to stop: the current step finishes, a checkpoint of the middle of the epoch is saved, then the
     process exits with status 128 + the signal number. A second signal quits at once (the last
-    checkpoint stays). Installed just before the training loop; until then signals act as usual.
+    checkpoint stays). Installed just before the training loop; until then signals act as usual, and
+    the script's main() puts the handlers it found back when it ends (restores_signal_handlers).
 
     requested(step) is what the loop asks after each step. Under torchrun every process must stop
     after the same step, so they agree by an all-reduce, every 20 steps (and whenever step is None)."""
@@ -179,6 +181,23 @@ class StopOnSignal:
         barrier()
         raise Interrupted(self.signum, f"{signal.Signals(self.signum).name} after {where}: checkpoint saved "
                                        f"in {out}; rerun the same command to continue from there")
+
+
+def restores_signal_handlers(main):
+    """Decorates a script's main(): the SIGTERM and SIGINT handlers in place when it is called are put
+    back when it returns or raises. Without it, a run started from Python (a notebook, a sweep in one
+    process) would leave its StopOnSignal behind, which only notes a signal: a later Ctrl-C or SIGTERM
+    would seem to do nothing, in that process and in the ones it forks."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        found = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for s, handler in found.items():
+                if handler is not None and signal.getsignal(s) is not handler:  # (None: set outside Python)
+                    signal.signal(s, handler)
+    return wrapped
 
 
 def save_mid_epoch(out, state: dict, epoch: int, step: int, t0: float, sums: dict, **extra):
