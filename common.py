@@ -130,8 +130,9 @@ def add_data_args(g, *, decoding=False):
                             "starts (while the decoded-image cache is built, or by a check of every file with "
                             "--no-cache) and dropped from every split part")
     g.add_argument("--split-file", default=None,
-                   help="JSON file of train/val/test ids; default runs/splits/<data>-<fingerprint>.json, "
-                        "created on first use and reused by every later script and seed")
+                   help="JSON file of train/val/test ids; default "
+                        "runs/splits/<data>-<fingerprint>-seed<split-seed>.json, created on first use and reused "
+                        "by every later script and seed")
     g.add_argument("--split-seed", type=int, default=77,
                    help="seed of the stratified 70/10/20 split (77 as in the authors' code); "
                         "kept apart from --seed so every training seed sees the same split")
