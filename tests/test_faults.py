@@ -171,43 +171,44 @@ def test_a_second_signal_quits_at_once_keeping_the_last_checkpoint(tmp_path):
 
 
 HANDLERS_AFTER_MAIN = """
-import json, signal, sys
-sys.path[:0] = [ROOT, ROOT + "/tests"]
+import importlib, json, signal, sys
+root, tiny = sys.argv[1], json.loads(sys.argv[2])
+sys.path[:0] = [root, root + "/tests"]
 import run_with_hooks
-faults = []  # filled per run below: the hooks read the list at every step
+faults = []  # set before each run: the hooks read the list at every step
 run_with_hooks.install_step_faults(faults)
-script = __import__(SCRIPT)
 mine = lambda signum, frame: None
 signal.signal(signal.SIGTERM, mine)
 outcomes = {}
-for case, fault in (("finished", []), ("stopped by SIGTERM", [("sigterm", 0, 1)]), ("NaN loss", [("nan", 0, 1)])):
-    faults[:] = fault
-    try:
-        script.main(ARGV + ["--epochs", "1", "--out", case])
-        outcome = "returned"
-    except BaseException as e:
-        outcome = type(e).__name__
-    outcomes[case] = [outcome, signal.getsignal(signal.SIGTERM) is mine,
-                      signal.getsignal(signal.SIGINT) is signal.default_int_handler]
+for script, argv in tiny.items():
+    main = importlib.import_module(script.removesuffix(".py")).main
+    for case, fault in (("finished", []), ("SIGTERM", [("sigterm", 0, 1)]), ("NaN loss", [("nan", 0, 1)])):
+        faults[:] = fault
+        try:
+            main(argv + ["--epochs", "1", "--out", f"{script}-{case}"])
+            outcome = "returned"
+        except BaseException as e:
+            outcome = type(e).__name__
+        outcomes[f"{script}, {case}"] = [outcome, signal.getsignal(signal.SIGTERM) is mine,
+                                         signal.getsignal(signal.SIGINT) is signal.default_int_handler]
 print(json.dumps(outcomes))
 """
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_main_called_from_python_puts_back_the_signal_handlers_it_found(tmp_path, script):
-    """A script's main() run from Python (a notebook, a sweep in one process): whether the run ends,
-    stops on a signal or on a NaN loss, SIGTERM and Ctrl-C are handled afterwards as before it, not by
-    the finished run's StopOnSignal, which would only note them."""
+def test_main_called_from_python_puts_back_the_signal_handlers_it_found(tmp_path):
+    """Each script's main() run from Python, one after another in one process (a notebook, a sweep):
+    whether a run ends, stops on a signal or on a NaN loss, SIGTERM and Ctrl-C are handled afterwards
+    as before it, not by the finished run's StopOnSignal, which would only note them."""
     from conftest import ROOT
-    code = (HANDLERS_AFTER_MAIN.replace("ROOT", repr(str(ROOT))).replace("SCRIPT", repr(script.removesuffix(".py")))
-            .replace("ARGV", repr(TINY[script][0])))
     env = {k: v for k, v in os.environ.items() if k != "CASS_DEBUG"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    tiny = json.dumps({script: argv for script, (argv, _) in TINY.items()})
+    proc = subprocess.run([sys.executable, "-c", HANDLERS_AFTER_MAIN, str(ROOT), tiny], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert outcomes == {"finished": ["returned", True, True], "stopped by SIGTERM": ["Interrupted", True, True],
-                        "NaN loss": ["UserError", True, True]}
+    assert outcomes == {f"{script}, {case}": [outcome, True, True] for script in SCRIPTS
+                        for case, outcome in (("finished", "returned"), ("SIGTERM", "Interrupted"),
+                                              ("NaN loss", "UserError"))}
 
 
 # ---------------------------------------------------------------- crashes while writing, damaged checkpoints
