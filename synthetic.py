@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import file_lock
 from datasets import largest_remainder
 from synthetic_cells import render_image  # (the drawing of one image)
 
@@ -169,24 +170,21 @@ def ensure_synthetic(cache_dir, multilabel: bool, n_images: int = 3000, size: in
     """Generate the data set into synthetic_dir(...) unless it is there already; return that folder.
 
     The files are written into a temporary sibling folder that is renamed into place when complete,
-    so an interrupted run never leaves a folder that looks finished."""
+    so an interrupted run never leaves a folder that looks finished. Under a lock (common.file_lock):
+    processes that need the same data set at once generate it once, the others wait for it."""
     if n_images < 1 or size < 32:
         raise ValueError(f"need n_images >= 1 and size >= 32, got n_images={n_images}, size={size}")
     final = synthetic_dir(cache_dir, multilabel, n_images, size, seed)
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        _generate(tmp, multilabel, n_images, size, seed, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
+    with file_lock(final):
+        if final.is_dir():  # another process generated it while this one waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            _generate(tmp, multilabel, n_images, size, seed, progress)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # else another process finished the same data set first; use theirs
     return final

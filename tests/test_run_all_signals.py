@@ -280,6 +280,7 @@ import hashlib, json, sys, time
 from pathlib import Path
 import datasets as D
 import decoded_cache as DC
+import synthetic as S
 
 root, split_file, cache, log, me = sys.argv[1:]
 
@@ -291,7 +292,7 @@ def counted(make):
         return make(*args, **kw)
     return slow_make
 
-D.make_split, DC._build_cache = counted(D.make_split), counted(DC._build_cache)
+D.make_split, DC._build_cache, S._generate = counted(D.make_split), counted(DC._build_cache), counted(S._generate)
 table = D.load_table("folder", root)
 Path(log + f".ready{me}").touch()
 while not Path(log + ".ready0").exists() or not Path(log + ".ready1").exists():
@@ -299,13 +300,16 @@ while not Path(log + ".ready0").exists() or not Path(log + ".ready1").exists():
 split = D.get_split(table, split_file)
 cached = DC.cached_table(table, 16, cache, progress=False)
 pixels = hashlib.sha1(b"".join(cached.array[r].tobytes() for r in range(len(table)))).hexdigest()
-print(json.dumps({"split": {k: v.tolist() for k, v in split.items()}, "pixels": pixels}))
+generated = S.ensure_synthetic(Path(cache), False, n_images=12, size=32, progress=False)
+print(json.dumps({"split": {k: v.tolist() for k, v in split.items()}, "pixels": pixels,
+                  "synthetic": hashlib.sha1((generated / "images.npy").read_bytes()).hexdigest()}))
 """
 
 
-def test_two_processes_needing_the_same_split_and_cache_make_each_once(tmp_path):
-    """As two runs of run_all --jobs 2 starting at once on a new data set: one process makes the split
-    file and the decoded-image cache, the other waits and reads them, complete."""
+def test_two_processes_needing_the_same_split_cache_and_synthetic_data_make_each_once(tmp_path):
+    """As two runs of run_all --jobs 2 (or two scripts started by hand) starting at once on a new data
+    set: one process makes the split file, the decoded-image cache and the synthetic data, the other
+    waits and reads them, complete."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for i in range(40):
@@ -317,7 +321,7 @@ def test_two_processes_needing_the_same_split_and_cache_make_each_once(tmp_path)
                               stderr=subprocess.PIPE, text=True) for me in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    assert sorted(log.read_text().split()) == ["_build_cache", "make_split"]  # each made once
+    assert sorted(log.read_text().split()) == ["_build_cache", "_generate", "make_split"]  # each made once
     a, b = (json.loads(out) for out, _ in outs)
     assert a == b
     import datasets as D
@@ -326,3 +330,6 @@ def test_two_processes_needing_the_same_split_and_cache_make_each_once(tmp_path)
     assert a["split"] == {k: v.tolist() for k, v in D.get_split(table, split_file).items()}
     assert sorted(sum(a["split"].values(), [])) == list(range(40))
     assert a["pixels"] == hashlib.sha1(b"".join(DC.decode_resized(p, 16).tobytes() for p in table.paths)).hexdigest()
+    import synthetic as S
+    alone = S.ensure_synthetic(tmp_path / "alone", False, n_images=12, size=32, progress=False)
+    assert a["synthetic"] == hashlib.sha1((alone / "images.npy").read_bytes()).hexdigest()

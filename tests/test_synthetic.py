@@ -120,7 +120,8 @@ def test_interrupted_generation_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_synthetic(tmp_path, False, progress=False, **SMALL)
     assert not synthetic_dir(tmp_path, False, **SMALL).exists()
-    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+    assert [p.name for p in tmp_path.iterdir()] == [f".{synthetic_dir(tmp_path, False, **SMALL).name}.lock"]
+    # (the temporary folder is gone too; the lock file stays, empty, as the split's and the cache's)
 
     monkeypatch.setattr(synthetic, "render_image", real)
     images, labels, meta = load(ensure_synthetic(tmp_path, False, progress=False, **SMALL))
