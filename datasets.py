@@ -33,7 +33,8 @@ class ImageTable:
     Images come either from files (`paths`) or from a uint8 array (`array`, N x H x W [x C]).
     Labels are int64 class indices (single-label) or a float32 N x L 0/1 matrix (multi-label).
     `curator_split` maps 'train'/'test' (and maybe 'val') to row indices when the data set ships
-    its own split."""
+    its own split. `groups` (one value per row, e.g. HAM10000's lesion_id or a --group-col) names
+    images that must stay in one split part."""
     name: str
     ids: list
     labels: np.ndarray
@@ -44,6 +45,7 @@ class ImageTable:
     curator_split: dict = None
     root: str = ""
     extra: dict = field(default_factory=dict)
+    groups: list = None
 
     def __len__(self):
         return len(self.ids)
@@ -192,37 +194,57 @@ def largest_remainder(want, total: int, tiebreak=None) -> np.ndarray:
     return counts
 
 
-def stratified_partition(strata: np.ndarray, fractions, seed: int):
+def stratified_partition(strata: np.ndarray, fractions, seed: int, groups=None):
     """Split positions 0..n-1 into len(fractions) parts, each stratum divided in the given
     proportions (largest remainder rounding), shuffled by `seed`.
 
+    With `groups` (a group id per position), whole groups are dealt out instead of positions: a
+    group's stratum is its most common one (ties: the lowest), and the proportions count groups.
+    Positions that are each a group alone give exactly the partition without `groups`.
+
     Written by hand rather than with scikit-learn's stratified splitters because those refuse
     classes with a single member, which small medical data sets do have."""
+    strata = np.asarray(strata)
+    if groups is None:
+        groups = np.arange(len(strata))
+    uniq, first, unit_of = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # units in the order of their first position
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq))
+    unit_of = rank[unit_of.reshape(-1)]
+    pairs, counts = np.unique(np.stack([unit_of, strata.astype(np.int64)], 1), axis=0, return_counts=True)
+    best = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # per unit: most common stratum, then the lowest
+    keep = best[np.r_[True, np.diff(pairs[best, 0]) != 0]]
+    unit_strata = np.empty(len(uniq), dtype=np.int64)
+    unit_strata[pairs[keep, 0]] = pairs[keep, 1]
     rng = np.random.default_rng(seed)
     parts = [[] for _ in fractions]
     fractions = np.asarray(fractions, dtype=np.float64) / np.sum(fractions)
-    for s in np.unique(strata):
-        members = rng.permutation(np.flatnonzero(strata == s))
+    for s in np.unique(unit_strata):
+        members = rng.permutation(np.flatnonzero(unit_strata == s))
         take = largest_remainder(fractions * len(members), len(members))
         start = 0
         for j, k in enumerate(take):
             parts[j] += members[start:start + k].tolist()
             start += k
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    return [np.sort(np.flatnonzero(np.isin(unit_of, p))) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
-def make_split(table: ImageTable, seed: int) -> dict:
+def make_split(table: ImageTable, seed: int, groups=None) -> dict:
     """Row indices of train/val/test: stratified 70/10/20, or the curator's split where the data set
-    has one (validation then carved from the curator's training part, 1/8 of it to keep 70:10)."""
+    has one (validation then carved from the curator's training part, 1/8 of it to keep 70:10).
+    `groups` (a group id per row: copies.split_groups) keeps each group in one part wherever the
+    split is ours; the curator's own train/test boundary is kept as it is."""
     cur = table.curator_split
     if cur and "val" in cur:
         return {k: np.asarray(cur[k]) for k in ("train", "val", "test")}
     if cur:
         train_rows = np.asarray(cur["train"])
-        tr, va = stratified_partition(_strata(table, train_rows), (7, 1), seed)
+        g = None if groups is None else np.asarray(groups)[train_rows]
+        tr, va = stratified_partition(_strata(table, train_rows), (7, 1), seed, g)
         return {"train": train_rows[tr], "val": train_rows[va], "test": np.asarray(cur["test"])}
     rows = np.arange(len(table))
-    tr, va, te = stratified_partition(_strata(table, rows), SPLIT_FRACTIONS, seed)
+    tr, va, te = stratified_partition(_strata(table, rows), SPLIT_FRACTIONS, seed, groups)
     return {"train": tr, "val": va, "test": te}
 
 
@@ -233,17 +255,29 @@ def default_split_file(table: ImageTable, seed: int) -> Path:
 def get_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
     """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}.
 
-    The file is made under a lock (file_lock) and renamed into place when complete: processes that
-    need the same split at once (run_all --jobs N) make it once, and never read a half-written one."""
+    The copies in the data set (copies.py) are found first and saved beside the split file
+    (`<split>.copies.json`); a split we make keeps every group of copies, and every group of
+    `table.groups`, in one part. table.extra["copies"] holds them for load_data's clean test.
+
+    Both files are made under one lock (file_lock) and renamed into place when complete: processes
+    that need the same split at once (run_all --jobs N) make them once, and never read a half-written
+    one. A split file saved before copies were looked for is used as it is; its copies are found
+    and saved beside it."""
+    from copies import copies_file, ensure_copies, load_copies, split_groups
     path = Path(split_file) if split_file else default_split_file(table, seed)
-    if not path.exists():
-        with file_lock(path):  # another process making the same split: wait, then read its file
+    cpath = copies_file(path)
+    copies = load_copies(cpath, table) if path.exists() else None
+    if copies is None:
+        with file_lock(path):  # another process making the same split: wait, then read its files
+            copies = ensure_copies(cpath, table, progress=is_main())
             if not path.exists():
-                split = make_split(table, seed)
+                split = make_split(table, seed, split_groups(table, copies))
                 atomic_write_json(path, {"data": table.name, "root": table.root, "split_seed": seed,
                                          "fingerprint": table.fingerprint(),
                                          **{k: [table.ids[r] for r in v] for k, v in split.items()}})
+                table.extra["copies"] = copies
                 return split
+    table.extra["copies"] = copies
     index = {i: r for r, i in enumerate(table.ids)}
     try:
         saved = json.loads(path.read_text())
@@ -255,6 +289,22 @@ def get_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
         raise UserError(f"--split-file {path} lists {len(missing)} ids not in the data set (first: "
                         f"{missing[0]}); it belongs to other data: delete it to make a new split")
     return {k: np.asarray([index[i] for i in ids], dtype=np.int64) for k, ids in parts.items()}
+
+
+def note_leaks(args, table: ImageTable, split: dict):
+    """table.extra["clean_test"] (the test rows with no copy in training or validation) and
+    ["leaks"] (copies.leaks); one warning line when the test leaks."""
+    from copies import clean_test_rows, leaks
+    copies = table.extra["copies"]
+    table.extra["clean_test"] = clean_test_rows(split, table, copies)
+    table.extra["leaks"] = found = leaks(split, table, copies)
+    n_test, n_clean = len(split["test"]), len(table.extra["clean_test"])
+    if n_clean < n_test and is_main():
+        print(f"warning: {n_test - n_clean} of the {n_test} test images have a copy in training or validation "
+              f"({found['test']['exact']} exact, {found['test']['near']} exact or near; validation: "
+              f"{found['val']['near']} of {len(split['val'])} in training); test metrics are also reported on "
+              f"the {n_clean} clean ones (<metric>_clean); see them: python check_data.py --data {args.data}"
+              + (f" --data-root {args.data_root}" if args.data_root else ""), file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the shared data flags
@@ -300,6 +350,7 @@ def load_data(args, cache_size=None, cache_part=None):
                     lines.append(f"  ... and {len(bad) - 20} more")
                 print("\n".join(lines), file=sys.stderr)
     table.extra = {**table.extra, "skipped_images": [(p, why) for _, p, why in bad]}
+    note_leaks(args, table, split)
     return table, split
 
 

@@ -361,6 +361,7 @@ def main(argv=None):
 
     # ---- test metrics and files (metrics.json last: its presence means the run is complete)
     metrics = compute_metrics(test_y, probs, table.class_names, table.multilabel, args.threshold)
+    metrics.update(clean_test_metrics(metrics, table, test_y, test_rows, probs, args.threshold))
     ids = [table.ids[r] for r in test_rows]
     write_predictions(out / "predictions.csv", ids, test_y, probs, table.class_names, table.multilabel,
                       args.threshold)
@@ -381,6 +382,29 @@ def main(argv=None):
     print(f"done ({args.eval}): {where}test {headline} {metrics[headline]:.4f} "
           f"(f1_macro {metrics['f1_macro']:.4f}, balanced_accuracy {metrics['balanced_accuracy']:.4f}, "
           f"n_test {len(ids)}); files in {out}")
+    if metrics["n_test_clean"] < len(ids):
+        clean = metrics.get(f"{headline}_clean")
+        print(f"clean test ({metrics['n_test_clean']} images without a copy in training or validation): "
+              f"{headline} {'n/a' if clean is None else f'{clean:.4f}'}")
+
+
+def clean_test_metrics(metrics, table, test_y, test_rows, probs, threshold) -> dict:
+    """Every scalar test metric of `metrics` again on the clean test (the test images with no copy in
+    training or validation: datasets.note_leaks) as <metric>_clean, with n_test_clean and the split's
+    leak counts. With no clean image left those metrics are None."""
+    clean = np.isin(np.asarray(test_rows), table.extra["clean_test"])
+    if clean.all():
+        sub = metrics
+    elif clean.any():
+        sub = compute_metrics(np.asarray(test_y)[clean], np.asarray(probs)[clean], table.class_names,
+                              table.multilabel, threshold)
+    else:
+        sub = None
+    out = {f"{k}_clean": (None if sub is None else sub[k]) for k, v in metrics.items()
+           if k != "threshold" and not isinstance(v, (dict, list))}
+    out.update({"per_class_clean": None if sub is None else sub["per_class"], "n_test_clean": int(clean.sum()),
+                "leaks": table.extra["leaks"]})
+    return out
 
 
 def train(args, out, model, table, rows, split, counts, device, test_loader, gpu=False):

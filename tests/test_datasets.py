@@ -46,7 +46,9 @@ def test_brain_mri_uses_the_curators_split(tmp_path):
     for part, n in (("Training", 8), ("Testing", 2)):
         for c in classes:
             for i in range(n):
-                save_png(tmp_path / part / c / f"{c}{i}.jpg", mode="L")
+                # each image its own grey: identical images would be copies, kept in one part
+                save_png(tmp_path / part / c / f"{c}{i}.jpg", 3 + i + 10 * classes.index(c) + 50 * (part == "Testing"),
+                         mode="L")
     t = D.load_table("brain-mri", tmp_path)
     assert t.class_names == classes
     split = D.get_split(t, tmp_path / "split.json", seed=1)
