@@ -74,16 +74,25 @@ def _need_dir(root, flag="--data-root") -> Path:
     return root
 
 
+SYSTEM_FOLDERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information"}
+
+
+def is_junk(rel: Path) -> bool:
+    """A hidden file, or any file inside a hidden or system folder (.ipynb_checkpoints/, __MACOSX/,
+    .git/): never data, in any layout."""
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in rel.parts)
+
+
 def _images_under(folder: Path, exclude_masks=False):
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                   and not p.name.startswith("."))
+                   and not is_junk(p.relative_to(folder)))
     if exclude_masks:
         files = [p for p in files if "mask" not in p.name.lower()]
     return files
 
 
 def _class_folders(root: Path, exclude_masks=False):
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_junk(Path(d.name)))
     paths, labels = [], []
     for c, name in enumerate(classes):
         files = _images_under(root / name, exclude_masks)
