@@ -107,8 +107,8 @@ def add_data_args(g, *, decoding=False):
     --split-seed (attention_maps.py); decoding=True adds, in between, how the images are read:
     --no-cache, --gpu-aug and --skip-bad-images (the training scripts, through add_common_args)."""
     g.add_argument("--data", default="synthetic",
-                   help="data set name: synthetic, synthetic-multilabel, isic2019, brain-mri, dermofit, "
-                        "autoimmune, folder, csv, medmnist")
+                   help="data set name: synthetic, synthetic-multilabel, isic2019, ham10000, brain-mri, dermofit, "
+                        "autoimmune, pbc, folder, csv, medmnist")
     g.add_argument("--data-root", default=None,
                    help="where the data set lies (for medmnist: the .npz file); not needed for synthetic*")
     g.add_argument("--cache-dir", default=default_cache_dir(),
@@ -133,6 +133,13 @@ def add_data_args(g, *, decoding=False):
                    help="JSON file of train/val/test ids; default "
                         "runs/splits/<data>-<fingerprint>-seed<split-seed>.json, created on first use and reused "
                         "by every later script and seed")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="use a stratified subset of N training images, drawn once (from --split-seed) and saved "
+                        "beside the split file (<split>-train<N>.json); validation and test stay whole, and "
+                        "--label-frac is then a fraction of the N: how to study 'what if I had only 200 images'")
+    g.add_argument("--group-col", default=None,
+                   help="csv / autoimmune: a CSV column (e.g. a patient id) whose images must all land in one "
+                        "split part; copies found in the images are always kept together")
     g.add_argument("--split-seed", type=int, default=77,
                    help="seed of the stratified 70/10/20 split (77 as in the authors' code); "
                         "kept apart from --seed so every training seed sees the same split")

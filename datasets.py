@@ -20,8 +20,8 @@ import numpy as np
 from common import UserError, atomic_write_json, atomic_write_text, default_cache_dir, file_lock
 from distributed import is_main
 
-DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "brain-mri", "dermofit", "autoimmune",
-              "folder", "csv", "medmnist")
+DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "ham10000", "brain-mri", "dermofit", "autoimmune",
+              "pbc", "folder", "csv", "medmnist")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test, Section 4.1
 
@@ -106,6 +106,8 @@ LAYOUTS = {  # what each file-based loader expects under --data-root, for the "n
     "dermofit": "one sub-folder per class, one per lesion in it: <root>/<class>/<lesion>/<image>",
     "brain-mri": "<root>/Training/<class>/<image> and <root>/Testing/<class>/<image>",
     "isic2019": "ISIC_2019_Training_GroundTruth.csv and ISIC_2019_Training_Input/<image>.jpg",
+    "ham10000": "HAM10000_metadata.csv and <image_id>.jpg in HAM10000_images_part_1/, _part_2/ or one folder",
+    "pbc": "one sub-folder per class (in PBC_dataset_normal_DIB/ or directly): <root>/<class>/<image>",
     "csv": "a CSV of image paths (relative to its folder) with a 'label' column or one 0/1 column per label",
     "autoimmune": "a CSV of image paths (relative to its folder) with one 0/1 column per cell type",
 }
@@ -156,19 +158,24 @@ def _layouts():
     return layouts
 
 
-def load_table(name: str, root=None, cache_dir=None) -> ImageTable:
+def load_table(name: str, root=None, cache_dir=None, group_col=None) -> ImageTable:
     """The data set called `name` (see DATA_NAMES), read from `root`; generated data lives in
-    `cache_dir` (default: common.default_cache_dir(), $CASS_CACHE or ~/.cache/cass)."""
+    `cache_dir` (default: common.default_cache_dir(), $CASS_CACHE or ~/.cache/cass). `group_col`
+    (csv, autoimmune): the CSV column whose images stay in one split part."""
     cache_dir = cache_dir or default_cache_dir()
+    if group_col is not None and name not in ("csv", "autoimmune"):
+        raise UserError(f"--group-col is for --data csv or autoimmune, not {name}")
     loaders = {
         "synthetic": lambda: load_synthetic(cache_dir, False),
         "synthetic-multilabel": lambda: load_synthetic(cache_dir, True),
         "isic2019": lambda: _layouts().load_isic2019(root),
+        "ham10000": lambda: _layouts().load_ham10000(root),
+        "pbc": lambda: _layouts().load_pbc(root),
         "brain-mri": lambda: _layouts().load_brain_mri(root),
         "dermofit": lambda: load_dermofit(root),
-        "autoimmune": lambda: _layouts().load_autoimmune(root),
+        "autoimmune": lambda: _layouts().load_autoimmune(root, group_col),
         "folder": lambda: load_folder(root),
-        "csv": lambda: _layouts().load_csv(root),
+        "csv": lambda: _layouts().load_csv(root, group_col=group_col),
         "medmnist": lambda: _layouts().load_medmnist(root),
     }
     if name not in loaders:
@@ -261,7 +268,52 @@ def default_split_file(table: ImageTable, seed: int) -> Path:
     return Path("runs") / "splits" / f"{table.name}-{table.fingerprint()}-seed{seed}.json"
 
 
-def get_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
+def train_subset(table: ImageTable, train_rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A stratified subset of `n` of the training rows: each stratum (class, or label combination)
+    gets its share by largest remainder, at least one image, drawn at random from `seed`."""
+    if n > len(train_rows):
+        raise UserError(f"--train-size {n} is larger than the training split ({len(train_rows)} images)")
+    strata = _strata(table, train_rows)
+    kinds, counts = np.unique(strata, return_counts=True)
+    if n < len(kinds):
+        raise UserError(f"--train-size {n} is smaller than the number of classes in the training split "
+                        f"({len(kinds)}): the subset needs an image of each")
+    take = np.ones(len(kinds), dtype=np.int64)
+    take += largest_remainder((n - len(kinds)) * (counts - 1) / max(counts.sum() - len(kinds), 1), n - len(kinds))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(train_rows[strata == s])[:k] for s, k in zip(kinds, np.minimum(take, counts))]
+    return np.sort(np.concatenate(picked))
+
+
+def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None) -> dict:
+    """The split of get_full_split; with `train_size`, its training part replaced by a stratified subset of
+    that many images, drawn once and saved beside the split file as <split>-train<N>.json (validation and
+    test stay whole)."""
+    path = Path(split_file) if split_file else default_split_file(table, seed)
+    split = get_full_split(table, path, seed)
+    if train_size is None:
+        return split
+    sub = path.with_name(f"{path.stem}-train{train_size}.json")
+    if not sub.exists():
+        with file_lock(sub):
+            if not sub.exists():
+                rows = train_subset(table, split["train"], train_size, seed)
+                atomic_write_json(sub, {"data": table.name, "split_file": str(path), "train_size": train_size,
+                                        "split_seed": seed, "fingerprint": table.fingerprint(),
+                                        "train": [table.ids[r] for r in rows]})
+                return {**split, "train": rows}
+    index = {i: r for r, i in enumerate(table.ids)}
+    try:
+        ids = json.loads(sub.read_text())["train"]
+        rows = np.asarray([index[i] for i in ids], dtype=np.int64)
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{sub} is not a training-subset file (JSON with a train id list): delete it to draw a new one")
+    if not np.isin(rows, split["train"]).all():
+        raise UserError(f"{sub} lists images outside the training split of {path}: delete it to draw a new one")
+    return {**split, "train": rows}
+
+
+def get_full_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
     """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}.
 
     The copies in the data set (copies.py) are found first and saved beside the split file
@@ -332,8 +384,8 @@ def load_data(args, cache_size=None, cache_part=None):
     part), a warning lists them, and table.extra["skipped_images"] holds their (path, reason) pairs
     (see write_skipped). With --no-cache and no --skip-bad-images, a bad file stops the run when the
     loader meets it."""
-    table = load_table(args.data, args.data_root, args.cache_dir)
-    split = get_split(table, args.split_file, args.split_seed)
+    table = load_table(args.data, args.data_root, args.cache_dir, getattr(args, "group_col", None))
+    split = get_split(table, args.split_file, args.split_seed, getattr(args, "train_size", None))
     skip = bool(getattr(args, "skip_bad_images", False))
     bad = []
     if table.array is None:

@@ -49,7 +49,7 @@ from weight_files import head_prefixes, load_weights, norm_of_weights
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
-HEADLINE = {"isic2019": "balanced_accuracy"}
+HEADLINE = {"isic2019": "balanced_accuracy", "ham10000": "balanced_accuracy"}  # the ISIC challenge metric
 
 
 def get_args(argv=None):

@@ -1,6 +1,7 @@
 """The data sets' own layouts beyond a class-per-folder tree, imported by datasets.load_table only
 for them: brain MRI (the curator's Training/ and Testing/ folders), a CSV of image paths and labels
-(`--data csv`, the autoimmune biopsy data), ISIC 2019 (its ground-truth CSV) and MedMNIST (.npz)."""
+(`--data csv`, the autoimmune biopsy data), ISIC 2019 (its ground-truth CSV), HAM10000 (its metadata
+CSV, images in one folder or the two official part folders), PBC (class folders) and MedMNIST (.npz)."""
 
 import csv
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from common import UserError
-from datasets import ImageTable, _class_folders, _from_files, _need_dir
+from datasets import IMAGE_EXTS, ImageTable, _class_folders, _from_files, _need_dir, is_junk, load_folder
 
 
 def load_brain_mri(root) -> ImageTable:
@@ -95,13 +96,26 @@ def _find_csv(root, name):
     raise UserError(f"--data-root {root}: no such file or folder")
 
 
-def load_csv(root, name="csv", multilabel=None) -> ImageTable:
+def _group_values(csv_path, columns, rows, group_col):
+    if group_col is None:
+        return None
+    if group_col not in columns:
+        raise UserError(f"--group-col {group_col}: CSV {csv_path} has no such column; its columns are {columns}")
+    empty = [i for i, r in enumerate(rows) if not r[group_col]]
+    if empty:
+        raise UserError(f"--group-col {group_col}: CSV {csv_path} row {empty[0] + 2} has no value in it")
+    return [r[group_col] for r in rows]
+
+
+def load_csv(root, name="csv", multilabel=None, group_col=None) -> ImageTable:
     """A CSV of image paths (relative to the CSV's folder) with either a `label` column
-    (single-label, any class names) or one 0/1 column per label (multi-label)."""
+    (single-label, any class names) or one 0/1 column per label (multi-label). `group_col` names a
+    column (e.g. a patient id) whose images must stay in one split part; it is not a label."""
     csv_path = _find_csv(root, name)
     columns, rows = _read_csv(csv_path)
     pcol = _path_column(csv_path, columns)
-    others = [c for c in columns if c != pcol]
+    groups = _group_values(csv_path, columns, rows, group_col)
+    others = [c for c in columns if c not in (pcol, group_col)]
     base = csv_path.parent
     paths = [_resolve_image(base, r[pcol], csv_path) for r in rows]
     if "label" in others and multilabel is not True:
@@ -109,18 +123,66 @@ def load_csv(root, name="csv", multilabel=None) -> ImageTable:
         if "" in names:
             raise UserError(f"CSV {csv_path}: empty value in column 'label'")
         labels = [names.index(r["label"]) for r in rows]
-        return _from_files(name, base, paths, labels, names)
-    if not others:
-        raise UserError(f"CSV {csv_path} has no label columns: add a 'label' column or one 0/1 column per label")
-    if multilabel is False:
-        raise UserError(f"CSV {csv_path} has no 'label' column")
-    y = np.stack([_zero_one(csv_path, rows, c) for c in others], 1)
-    return _from_files(name, base, paths, y, others, multilabel=True)
+        table = _from_files(name, base, paths, labels, names)
+    else:
+        if not others:
+            raise UserError(f"CSV {csv_path} has no label columns: add a 'label' column or one 0/1 column per label")
+        if multilabel is False:
+            raise UserError(f"CSV {csv_path} has no 'label' column")
+        y = np.stack([_zero_one(csv_path, rows, c) for c in others], 1)
+        table = _from_files(name, base, paths, y, others, multilabel=True)
+    table.groups = groups
+    return table
 
 
-def load_autoimmune(root) -> ImageTable:
+def load_autoimmune(root, group_col=None) -> ImageTable:
     """The autoimmune biopsy data: a CSV of path + one 0/1 column per cell type (multi-label)."""
-    return load_csv(root, "autoimmune", multilabel=True)
+    return load_csv(root, "autoimmune", multilabel=True, group_col=group_col)
+
+
+HAM_COLUMNS = ("lesion_id", "image_id", "dx")
+
+
+def load_ham10000(root) -> ImageTable:
+    """HAM10000: HAM10000_metadata.csv (lesion_id, image_id, dx, ...) and <image_id>.jpg anywhere under
+    the root (the official HAM10000_images_part_1/ and _part_2/, or one folder). Labels from dx
+    (sorted names); table.groups = lesion_id, so a lesion's images stay in one split part."""
+    root = _need_dir(root)
+    metas = sorted(p for p in root.glob("*.csv") if "metadata" in p.name.lower())
+    if not metas:
+        raise UserError(f"--data-root {root}: no HAM10000_metadata.csv found (expected the metadata CSV with "
+                        "columns lesion_id, image_id, dx beside the image folders)")
+    csv_path = metas[0]
+    columns, rows = _read_csv(csv_path)
+    missing = [c for c in HAM_COLUMNS if c not in columns]
+    if missing:
+        raise UserError(f"CSV {csv_path} has no column {', '.join(repr(c) for c in missing)}; its columns are "
+                        f"{columns}")
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and not is_junk(p.relative_to(root)) and p.is_file():
+            files.setdefault(p.stem, p)
+    paths = []
+    for i, r in enumerate(rows):
+        if not r["image_id"] or not r["dx"] or not r["lesion_id"]:
+            raise UserError(f"CSV {csv_path} row {i + 2}: empty lesion_id, image_id or dx")
+        if r["image_id"] not in files:
+            raise UserError(f"CSV {csv_path} row {i + 2}: image_id {r['image_id']} has no image file under {root} "
+                            "(looked for <image_id>.jpg in every sub-folder)")
+        paths.append(files[r["image_id"]])
+    names = sorted({r["dx"] for r in rows})
+    table = _from_files("ham10000", root, paths, [names.index(r["dx"]) for r in rows], names)
+    table.groups = [r["lesion_id"] for r in rows]
+    return table
+
+
+def load_pbc(root) -> ImageTable:
+    """PBC (peripheral blood cells): one folder per class, either directly under the root or in the
+    download's PBC_dataset_normal_DIB/ folder. Junk (hidden files such as neutrophil/.DS_169665.jpg)
+    is skipped like in every layout."""
+    root = _need_dir(root)
+    inner = root / "PBC_dataset_normal_DIB"
+    return load_folder(inner if inner.is_dir() else root, "pbc")
 
 
 def load_isic2019(root) -> ImageTable:
