@@ -37,6 +37,7 @@ import profiles as P
 import study as S
 from common import atomic_save_figure, atomic_write_text
 from monitors import COLLAPSE_FRAC, arms_of
+from aggregate import read_metrics
 from run_index import Runs, read_json, read_log
 
 DASH = "—"
@@ -117,9 +118,20 @@ def all_positive_f1(runs: Runs, td):
     return None
 
 
+def test_leak(runs: Runs, td):
+    """(n_test, n_test_clean) of the first finished run of the table whose test split has copies in
+    training or validation (finetune.py's metrics.json), or None when no run's test leaks."""
+    for c in td.cells:
+        for d in runs.finetune.get(c.ft.key(), []):
+            m = read_metrics(d)
+            if m and m.get("n_test_clean") is not None and m["n_test_clean"] < m.get("n_test", 0):
+                return m["n_test"], m["n_test_clean"]
+    return None
+
+
 def build_cells_table(td, runs: Runs, quick: bool):
-    """Main, ablation and supervised tables: rows x columns of (ours, paper). Returns
-    (markdown, csv, filled, total)."""
+    """Main, ablation and supervised tables: rows x columns of (ours, paper); where the test split leaks,
+    the metric on the clean test (<metric>_clean) beside it. Returns (markdown, csv, filled, total)."""
     rows, cols = [], []
     for c in td.cells:
         if c.row not in rows:
@@ -130,10 +142,13 @@ def build_cells_table(td, runs: Runs, quick: bool):
     header = ["Method (backbone)" if td.kind == "main" else "Setting"]
     with_paper = quick or any(c.paper is not None for c in td.cells)  # (the paper has no such table: ours only)
     micro = td.metric == "f1_macro"  # macro F1 is the headline; micro F1 (the authors' code's) beside it
+    clean = test_leak(runs, td) is not None
     for col in cols:
-        header += ([f"{col} macro F1 ours", f"{col} micro F1 ours"] if micro else [f"{col} ours"]) + \
+        header += ([f"{col} macro F1 ours"] if micro else [f"{col} ours"]) + \
+            ([f"{col} {'macro F1 ' if micro else ''}clean test"] if clean else []) + \
+            ([f"{col} micro F1 ours"] if micro else []) + \
             ([f"{col} paper ({'F1' if micro else 'as printed'})"] if with_paper else [])
-    width = 1 + micro + with_paper
+    width = 1 + clean + micro + with_paper
     md_rows, csv_rows, filled = [], [], 0
     for r in rows:
         line = [r]
@@ -144,19 +159,23 @@ def build_cells_table(td, runs: Runs, quick: bool):
                 continue
             stat, unfinished = runs.cell(c.ft, td.metric)
             micro_stat = runs.cell(c.ft, "f1_micro")[0] if micro else None
+            clean_stat = runs.cell(c.ft, f"{td.metric}_clean")[0]
             filled += stat is not None
-            line += [fmt_stat(stat, unfinished)] + ([fmt_stat(micro_stat, unfinished)] if micro else []) + \
+            line += [fmt_stat(stat, unfinished)] + ([fmt_stat(clean_stat, unfinished)] if clean else []) + \
+                ([fmt_stat(micro_stat, unfinished)] if micro else []) + \
                 ([fmt_paper(c.paper, quick)] if with_paper else [])
             mean, std, n = stat if stat else (None, None, 0)
             micro_mean, micro_std, _ = micro_stat if micro_stat else (None, None, 0)
+            clean_mean, clean_std, clean_n = clean_stat if clean_stat else (None, None, 0)
             csv_rows.append([td.name, td.data, td.metric, r, col, c.ft.method, c.ft.arch, c.ft.frac,
                              _num(mean), _num(std), n, unfinished, _num(micro_mean), _num(micro_std),
                              "" if quick or c.paper is None else _num(c.paper[0]),
-                             "" if quick or c.paper is None else _num(c.paper[1])])
+                             "" if quick or c.paper is None else _num(c.paper[1]),
+                             _num(clean_mean), _num(clean_std), clean_n])
         md_rows.append(line)
     csv_header = ["table", "data", "metric", "row", "column", "method", "arch", "label_frac", "ours_mean",
                   "ours_std", "ours_n", "ours_unfinished", "ours_f1_micro_mean", "ours_f1_micro_std", "paper_mean",
-                  "paper_spread"]
+                  "paper_spread", "ours_clean_mean", "ours_clean_std", "ours_clean_n"]
     return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
 
 
@@ -417,6 +436,11 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
                       "them.\n\n"))
         if td.note:
             head += td.note + "\n\n"
+        leak = test_leak(runs, td) if td.kind not in ("time", "figure2", "options") else None
+        if leak:
+            head += (f"Clean test: the {leak[1]} of the {leak[0]} test images that have no copy (exact or near) in "
+                     "training or validation (`python check_data.py` lists the others); the full test counts "
+                     "those copies, which a model can get right by memory.\n\n")
         ref = all_positive_f1(runs, td) if td.kind == "main" else None
         if ref is not None:
             head += (f"For reference, a predictor that marks every label present scores a macro F1 of {ref:.3f} on "

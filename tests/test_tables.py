@@ -361,3 +361,29 @@ def test_pretraining_key_keeps_arm_1s_own_init():
     assert r200.cnn_init == "random"
     assert pretrain_key(cfg) == r200.key()
     assert pretrain_key({**cfg, "cnn_init": None}) == replace(r200, cnn_init=None).key() != r200.key()
+
+
+def test_a_leaking_test_gets_the_clean_column_beside_the_full_one(tmp_path):
+    """Runs whose metrics.json say the test leaks (n_test_clean < n_test) put <metric>_clean in a column of its
+    own beside the full test's, in the markdown and the CSV; the frozen tables too."""
+    runs = tmp_path / "runs" / "cpu"
+    mri = runs / "brain-mri"
+    leak = {"n_test": 1311, "n_test_clean": 825}
+    for seed, (f1, clean) in enumerate(((0.80, 0.70), (0.84, 0.72))):
+        write_run(mri / "ft" / f"sup{seed}", ft_config("brain-mri", "resnet18", 0.1, seed),
+                  {**metrics(f1), "f1_macro_clean": clean, **leak})
+    write_run(mri / "ft" / "rand-knn", {**ft_config("brain-mri", "resnet18", 1.0, 0), "eval": "knn"},
+              {**metrics(0.5), "accuracy": 0.9, "accuracy_clean": 0.6, **leak})
+    out = tmp_path / "results"
+    tables.build_all("cpu", runs, out)
+    main = (out / "cpu_brain_mri.md").read_text()
+    header = next(ln for ln in main.splitlines() if ln.startswith("| Method"))
+    assert "| 10% macro F1 ours | 10% macro F1 clean test | 10% micro F1 ours | 10% paper (F1) |" in header
+    row = read_md_row(main, "Supervised (ResNet-18)")
+    assert row[5:7] == ["0.8200 ± 0.0283 (n=2)", "0.7100 ± 0.0141 (n=2)"]
+    assert "the 825 of the 1311 test images that have no copy" in main
+    frozen = read_md_row((out / "cpu_frozen.md").read_text(), "Random init (ResNet-18)")
+    assert frozen[1:3] == ["0.9000 (n=1)", "0.6000 (n=1)"]
+    with open(out / "cpu_brain_mri.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%"]
+    assert float(rows[0]["ours_clean_mean"]) == pytest.approx(0.71) and rows[0]["ours_clean_n"] == "2"
