@@ -8,7 +8,8 @@ clean test:
 - label conflicts: groups whose images carry different labels;
 - leaks: images of validation with a copy in training, of test with a copy in training or validation;
 - the test's class counts, full and clean (without those images).
-It writes a contact sheet (--sheet) of the closest cross-split pairs and of the label conflicts,
+It writes a contact sheet (--sheet) of cross-split pairs (from the closest to the farthest one still
+called a copy) and of the label conflicts,
 and with --json the counts (and the groups) as JSON.
 
     python check_data.py --data brain-mri --data-root /path/to/brain-mri --json leaks.json
@@ -31,7 +32,7 @@ def get_args(argv=None):
     add_data_args(p.add_argument_group("data (as the training scripts take it)"))
     p.add_argument("--json", default=None, help="write the counts and groups as JSON to this file")
     p.add_argument("--sheet", default=None,
-                   help="contact sheet PNG of the closest cross-split pairs and the label conflicts "
+                   help="contact sheet PNG of cross-split pairs (closest to farthest) and the label conflicts "
                         "(default: runs/check_data/<data>-copies.png)")
     p.add_argument("--pairs", type=int, default=24, help="how many pairs the contact sheet shows (default 24)")
     return p.parse_args(argv)
@@ -76,29 +77,32 @@ def cross_split_pairs(table, copies, split, cross=True) -> list:
     return sorted((d, a, b) for (a, b), d in pairs.items())
 
 
-def _thumb(table, r, size=128):
+def _thumb(table, r, size=96):
     from PIL import Image
     im = array_to_rgb(np.asarray(table.array[r])) if table.array is not None else load_rgb(table.paths[r])
     return np.asarray(im.resize((size, size), Image.BILINEAR))
 
 
 def contact_sheet(path, table, split, pairs, conflicts, n_pairs, same_part=()):
-    """The two images of each pair side by side, titled with split part, label and distance: the
-    cross-split pairs, then the label conflicts, then (to fill the sheet) the closest pairs within a part."""
+    """The two images of each pair side by side, titled with split part, label and distance: `n_pairs`
+    cross-split pairs spread from the closest to the farthest one still called a copy, then the label
+    conflicts, then (to fill the sheet) the closest pairs within a part."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     part = {}
     for k in ("train", "val", "test"):
         part.update({int(r): k for r in split[k]})
-    rows = [("cross-split", d, a, b) for d, a, b in pairs[:n_pairs]]
+    if len(pairs) > n_pairs:  # from the closest to the farthest pair still called a copy, evenly spaced
+        pairs = [pairs[int(round(k))] for k in np.linspace(0, len(pairs) - 1, n_pairs)]
+    rows = [("cross-split", d, a, b) for d, a, b in pairs]
     rows += [("label conflict", None, g[0], g[1]) for g in conflicts[:max(4, n_pairs // 3)]]
     rows += [("same part", d, a, b) for d, a, b in same_part[:max(0, n_pairs - len(rows))]]
     if not rows:
         return False
     cols = 4  # two pairs per line
     lines = (len(rows) + 1) // 2
-    fig, axes = plt.subplots(lines, cols, figsize=(cols * 2.6, lines * 2.9), squeeze=False)
+    fig, axes = plt.subplots(lines, cols, figsize=(cols * 1.9, lines * 2.2), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k, (kind, d, a, b) in enumerate(rows):
@@ -107,8 +111,8 @@ def contact_sheet(path, table, split, pairs, conflicts, n_pairs, same_part=()):
             ax.imshow(_thumb(table, r))
             head = f"{kind}, d={d:.4f}" if d is not None else kind
             ax.set_title(f"{head if m == 0 else ''}\n{part.get(r, '?')}: {label_text(table, r)}\n"
-                         f"{Path(table.ids[r]).name[:26]}", fontsize=7)
-    fig.suptitle(f"{table.name}: closest cross-split copies and label conflicts ({METHOD})", fontsize=8, wrap=True)
+                         f"{Path(table.ids[r]).name[:26]}", fontsize=6)
+    fig.suptitle(f"{table.name}: cross-split copies (closest to farthest) and label conflicts\n({METHOD})", fontsize=7)
     fig.tight_layout()
     atomic_save_figure(path, fig)
     plt.close(fig)
