@@ -109,13 +109,17 @@ def count_params(model: nn.Module) -> int:
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Under torch.distributed, BatchNorm layers computing their statistics over the global batch
-    (nn.SyncBatchNorm on CUDA, cpu_sync_batchnorm.CpuSyncBatchNorm on the CPU); a no-op in a single
-    process. The parameters and buffers are kept (the same tensors), so optimisers may be built
-    before or after."""
+    (timm's conversion on CUDA: nn.SyncBatchNorm, and timm.layers.SyncBatchNormAct for timm's fused
+    BatchNormAct2d, which keeps its activation and dropout; cpu_sync_batchnorm on the CPU, likewise);
+    a no-op in a single process. The parameters and buffers are kept (the same tensors), so
+    optimisers may be built before or after. (torch's own nn.SyncBatchNorm.convert_sync_batchnorm
+    turns a BatchNormAct2d into a plain BatchNorm: DenseNet, EfficientNet and MobileNet would lose
+    their activations.)"""
     if world_size() == 1:
         return model
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm
+        return convert_sync_batchnorm(model)
 
     from cpu_sync_batchnorm import convert_to_cpu_sync_batchnorm
     return convert_to_cpu_sync_batchnorm(model)
