@@ -160,13 +160,14 @@ def normal_batch(args, size, bs=None):
 
 def cass_models(args):
     from losses import CASSLoss
-    from models import create_backbone
+    from models import create_backbone, uses_channels_last
     from pretrain_cass import make_optimizer
     torch.manual_seed(0)
     cnn = create_backbone(args.cnn, "random", img_size=args.img_size).to(args.device)
     vit = create_backbone(args.vit, "random", img_size=args.img_size).to(args.device)
-    if args.device.type == "cuda":
-        cnn = cnn.to(memory_format=torch.channels_last)
+    for m in (cnn, vit):
+        if uses_channels_last(m, args.device):
+            m.to(memory_format=torch.channels_last)
     opt_c = make_optimizer("adam", cnn.parameters(), 1e-3, args.device)
     opt_v = make_optimizer("adam", vit.parameters(), 1e-3, args.device)
     fc, fv = (torch.compile(cnn), torch.compile(vit)) if args.compile else (cnn, vit)
@@ -222,12 +223,12 @@ def bench_dino_step(args, kind):
 def bench_finetune_step(args, kind):
     from finetune import finetune_step
     from losses import FocalLoss
-    from models import create_backbone
+    from models import create_backbone, uses_channels_last
     arch = args.cnn if kind == "cnn" else args.vit
     reset_peak(args.device)
     torch.manual_seed(0)
     model = create_backbone(arch, "random", num_classes=8, img_size=args.img_size).to(args.device)
-    if args.device.type == "cuda" and kind == "cnn":
+    if uses_channels_last(model, args.device):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=args.device.type == "cuda")
     fwd = torch.compile(model) if args.compile else model

@@ -97,8 +97,36 @@ def apply_norm(model: nn.Module, norm: str):
 
 
 def is_transformer(model: nn.Module) -> bool:
-    """A ViT-like timm model (patch embedding, blocks), as opposed to a CNN (channels_last on CUDA)."""
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
+    """A Transformer (timm's ViT, DeiT, Swin, BEiT, EVA, ...: they cut the image into patches with a
+    patch embedding, `patch_embed`) as opposed to a CNN (ResNet, DenseNet, EfficientNet, MobileNet,
+    ConvNeXt; hybrids such as CoAtNet count as CNNs: convolutional stems and stages). CNNs run in
+    channels_last on CUDA, and DINO gives Transformers its default drop path. (EfficientNet and
+    MobileNetV3 also have `blocks`, so that attribute says nothing.)"""
+    from timm.models import VisionTransformer
+    model = backbone_of(model)
+    return isinstance(model, VisionTransformer) or hasattr(model, "patch_embed")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm model inside the wrappers the scripts put around it: torch.compile (`_orig_mod`),
+    DistributedDataParallel (`module`), a CassArm or DINO's MultiCropNet (`backbone`)."""
+    while True:
+        inner = next((getattr(model, a) for a in ("_orig_mod", "module", "backbone")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether `model` (or the backbone inside its wrappers) runs in channels_last on `device`: every
+    CNN on CUDA, whichever arm it is (e.g. CASS --vit densenet161), never a Transformer."""
+    return device.type == "cuda" and not is_transformer(model)
+
+
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The input batch x in channels_last when asked, else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def count_params(model: nn.Module) -> int:

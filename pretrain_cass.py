@@ -25,8 +25,8 @@ from datasets import load_data, write_skipped
 from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from loading import cass_pipeline, make_loader, use_gpu_aug
 from losses import CASSLoss
-from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
-                    wrap_ddp)
+from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, in_layout, save_weights,
+                    sync_batchnorm, uses_channels_last, wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
 from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
                   resume_point, save_checkpoint, seed_epoch)
@@ -116,13 +116,13 @@ def make_optimizer(kind, params, lr, device):
 
 def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     """One CASS iteration on the input batch x (on the device): both arms' forward passes under
-    bf16 autocast (CUDA; the CNN in channels_last), the loss, one backward pass into both arms, both
-    optimiser steps. Returns (loss, guard fired, cnn output, vit output) as device tensors, no host
-    sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm
+    bf16 autocast (CUDA; an arm that is a CNN in channels_last, whichever arm it is:
+    models.uses_channels_last), the loss, one backward pass into both arms, both optimiser steps.
+    Returns (loss, guard fired, cnn output, vit output) as device tensors, no host sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm
     with pretraining heads (models.CassArm) returns (output, predictor output or None)."""
     with autocast(device):
-        r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
-        t = fwd_vit(x)
+        r = fwd_cnn(in_layout(x, uses_channels_last(fwd_cnn, device)))
+        t = fwd_vit(in_layout(x, uses_channels_last(fwd_vit, device)))
     (r, pr), (t, pt) = (r, t) if isinstance(r, tuple) else ((r, None), (t, None))
     loss, fired = criterion(r, t, pr, pt)
     opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
@@ -174,8 +174,9 @@ def main(argv=None):
             arms[name] = sync_batchnorm(CassArm(m, proj, pred), device).to(device)
         cnn, vit = arms["cnn"].backbone, arms["vit"].backbone  # (sync_batchnorm may have rebuilt them)
     norms = {"cnn": apply_norm(cnn, args.norm), "vit": apply_norm(vit, args.norm)}  # each arm's (mean, std)
-    if device.type == "cuda":
-        cnn = cnn.to(memory_format=torch.channels_last)
+    for arm in (cnn, vit):  # CNNs in channels_last on CUDA, whichever arm they are (e.g. --vit densenet161)
+        if uses_channels_last(arm, device):
+            arm.to(memory_format=torch.channels_last)
     arm_cnn, arm_vit = arms.get("cnn", cnn), arms.get("vit", vit)
     opt_cnn = make_optimizer(args.cnn_opt, arm_cnn.parameters(), args.lr, device)
     opt_vit = make_optimizer("adam", arm_vit.parameters(), args.lr, device)

@@ -37,3 +37,47 @@ def test_sync_batchnorm_keeps_the_activations_of_timm_batchnormact(monkeypatch, 
     assert "BatchNormAct2d" not in kinds and ("SyncBatchNormAct" in kinds or "CpuSyncBatchNormAct" in kinds)
     assert {n: p for n, p in converted.named_parameters()}.keys() == params.keys()
     assert all(p is params[n] for n, p in converted.named_parameters())  # the same tensors: optimisers still fit
+
+
+# ---------------------------------------------------------------- 2. what is a Transformer (layout, drop path)
+
+@pytest.mark.parametrize("name,kw,transformer", [
+    ("test_vit", {}, True),
+    ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), True),
+    ("test_resnet", {}, False),
+    ("test_efficientnet", {}, False),  # has `blocks`, as ViTs do
+    ("mobilenetv3_small_050", {}, False),  # likewise
+    ("densenet121", dict(growth_rate=4, block_config=(1, 1, 1, 1)), False),
+])
+def test_is_transformer_by_what_the_model_is(name, kw, transformer):
+    model = timm.create_model(name, num_classes=0, **kw)
+    assert models.is_transformer(model) is transformer
+    assert models.uses_channels_last(model, CUDA) is (not transformer)
+    assert models.uses_channels_last(model, torch.device("cpu")) is False
+
+
+def test_cass_gives_channels_last_to_whichever_arm_is_a_cnn():
+    """pretrain_cass.cass_step on "CUDA" (autocast off without a GPU: the step runs on the CPU) with the
+    arms swapped, a ViT as arm 1 and a CNN as arm 2 (as --cnn test_vit --vit densenet161 would): the
+    CNN gets the channels_last batch, the ViT the contiguous one."""
+    from losses import CASSLoss
+    from pretrain_cass import cass_step
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=8, img_size=32)
+    cnn = timm.create_model("test_efficientnet", num_classes=8)
+    seen = {}
+    for name, m in (("vit", vit), ("cnn", cnn)):
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(
+            name, args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (vit, cnn)]
+    with pytest.warns(UserWarning, match="CUDA"):  # torch.autocast("cuda") disabled here
+        cass_step(torch.randn(4, 3, 32, 32), vit, cnn, CASSLoss(), *opts, CUDA)
+    assert seen == {"vit": False, "cnn": True}
+
+
+def test_dino_drop_path_default_follows_the_architecture():
+    import pretrain_dino as PD
+    for arch, dpr in (("test_efficientnet", 0.0), ("test_vit", 0.1)):
+        args = PD.get_args(["--arch", arch, "--init", "random", "--img-size", "32", "--out-dim", "16",
+                            "--hidden-dim", "16", "--bottleneck-dim", "8", "--out", "unused"])
+        assert PD.build_models(args, torch.device("cpu"))[2] == dpr, arch
