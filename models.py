@@ -88,10 +88,15 @@ def apply_norm(model: nn.Module, norm: str):
         raise UserError(f"--norm model: {type(model).__name__} has no 3-channel input convolution to normalise for")
     scale = (torch.tensor(std_in) / torch.tensor(std)).view(1, 3, 1, 1)
     shift = ((torch.tensor(mean_in) - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)
+    consts = {}  # (device, dtype) -> (scale, shift) there: copied once (a copy from the host blocks on CUDA)
 
     def renormalise(module, args):
         x = args[0]
-        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype),) + tuple(args[1:])
+        key = (x.device, x.dtype)
+        if key not in consts:
+            consts[key] = (scale.to(x.device, x.dtype), shift.to(x.device, x.dtype))
+        s, b = consts[key]
+        return (x * s + b,) + tuple(args[1:])
     stem.register_forward_pre_hook(renormalise)
     return mean, std
 

@@ -81,3 +81,23 @@ def test_dino_drop_path_default_follows_the_architecture():
         args = PD.get_args(["--arch", arch, "--init", "random", "--img-size", "32", "--out-dim", "16",
                             "--hidden-dim", "16", "--bottleneck-dim", "8", "--out", "unused"])
         assert PD.build_models(args, torch.device("cpu"))[2] == dpr, arch
+
+
+# ---------------------------------------------------------------- 3. --norm model: constants copied once
+
+def test_model_norm_hook_copies_its_constants_once_per_device_and_dtype(monkeypatch):
+    """The hook of --norm model keeps its constants per (device, dtype): after the first forward in a
+    dtype it makes no copy (on CUDA each copy from the host would block the step)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).double()
+    model.pretrained_cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    models.apply_norm(model, "model")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(a) or real_to(self, *a, **k))
+    first = model(x)
+    assert calls  # the first forward in float64 makes its copies
+    calls.clear()
+    for _ in range(3):
+        assert torch.equal(model(x), first)
+    assert calls == []
