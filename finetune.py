@@ -414,7 +414,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
     ckpt = runs.load_checkpoint(out)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        runs.load_optimizer_state(opt, ckpt["optimizer"])  # (written on any device)
         sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["early_stopping"])
         best_state = ckpt["best_state"]

@@ -28,8 +28,8 @@ from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, in_layout, save_weights,
                     sync_batchnorm, uses_channels_last, wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
-                  resume_point, save_checkpoint, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -202,10 +202,10 @@ def main(argv=None):
     start_epoch, partial = 0, None
     ckpt = load_checkpoint(out)
     if ckpt is not None:
-        for obj, key in ((cnn, "cnn"), (vit, "vit"), (opt_cnn, "opt_cnn"), (opt_vit, "opt_vit"),
-                         (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
-                         (swa_vit, "swa_vit")):
+        for obj, key in ((cnn, "cnn"), (vit, "vit"), (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"),
+                         (swa_cnn, "swa_cnn"), (swa_vit, "swa_vit")):
             obj.load_state_dict(ckpt[key])
+        load_optimizer_state(opt_cnn, ckpt["opt_cnn"]), load_optimizer_state(opt_vit, ckpt["opt_vit"])  # (any device)
         for k, a in arms.items():
             a.load_state_dict(ckpt[f"heads_{k}"], strict=False)  # (the backbone's keys are loaded above)
         start_epoch, partial = resume_point(out, ckpt)

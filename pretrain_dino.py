@@ -45,8 +45,8 @@ from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
-                  resume_point, save_checkpoint, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -404,7 +404,7 @@ def main(argv=None):
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # (written on any device)
         dino_loss.load_state_dict(ckpt["dino_loss"])
         elapsed = float(ckpt.get("elapsed", 0.0))
         start_epoch, partial = resume_point(out, ckpt)

@@ -128,6 +128,29 @@ def load_checkpoint(out: Path):
     return None
 
 
+# Optimiser options that belong to the device a run is on, not to the one that wrote its checkpoint
+DEVICE_OPTIONS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict):
+    """opt.load_state_dict(saved) for a checkpoint another device may have written (a GPU run resumed
+    on the CPU, or a CPU run on a GPU): the options that depend on the device (fused, foreach,
+    capturable) stay those this run chose for its own, and every state tensor shaped like its
+    parameter (Adam's moments) takes the parameter's memory layout (a CNN's weights are channels_last
+    on CUDA, contiguous on the CPU): a fused kernel pairs the elements of a parameter and of its
+    moments by their places in memory, so moments in another layout would be mixed up."""
+    if len(saved.get("param_groups", [])) == len(opt.param_groups):
+        saved = dict(saved, param_groups=[dict(g, **{k: mine[k] for k in DEVICE_OPTIONS if k in mine})
+                                          for g, mine in zip(saved["param_groups"], opt.param_groups)])
+    opt.load_state_dict(saved)  # (moves the state to each parameter's device and dtype, keeping its strides)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # p's layout, the same values
+
+
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Reseed every RNG at the start of an epoch and return the data loader's generator.
 

@@ -101,3 +101,56 @@ def test_model_norm_hook_copies_its_constants_once_per_device_and_dtype(monkeypa
     for _ in range(3):
         assert torch.equal(model(x), first)
     assert calls == []
+
+
+# ---------------------------------------------------------------- 4. Adam's state across a change of device
+
+def conv_net(channels_last):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def adam_steps(net, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(2, 3, 8, 8, generator=g)
+        opt.zero_grad()
+        (net(x) ** 2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("saved_on,resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_adam_state_follows_the_device_and_layout_of_the_resumed_run(saved_on, resumed_on):
+    """A checkpoint of a CUDA run (CNN in channels_last, fused Adam; the fused kernel runs on the CPU
+    too) resumed by a CPU run (contiguous, unfused Adam), and the other way round: the resumed run's
+    options stay its own, its moments take its parameters' layout, and its next steps are those of
+    the run that saved, continued (to float rounding: fused and unfused Adam differ there)."""
+    from runs import load_optimizer_state
+    cuda = {"cuda": True, "cpu": False}
+    saver = conv_net(cuda[saved_on])
+    opt = torch.optim.Adam(saver.parameters(), lr=1e-2, fused=cuda[saved_on])
+    adam_steps(saver, opt, 3, seed=1)
+    saved = torch.load(_roundtrip(opt.state_dict()), weights_only=True)  # as a checkpoint file gives it back
+    weights = {k: v.clone() for k, v in saver.state_dict().items()}
+    adam_steps(saver, opt, 2, seed=2)  # the run that saved, continued
+
+    resumed = conv_net(cuda[resumed_on])
+    resumed.load_state_dict(weights)
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2, fused=cuda[resumed_on])
+    load_optimizer_state(opt2, saved)
+    assert opt2.param_groups[0]["fused"] is cuda[resumed_on]
+    for p in resumed.parameters():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert opt2.state[p][k].stride() == p.stride(), k
+    adam_steps(resumed, opt2, 2, seed=2)
+    for (k, a), b in zip(saver.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _roundtrip(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
