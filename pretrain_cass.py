@@ -118,8 +118,9 @@ def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     """One CASS iteration on the input batch x (on the device): both arms' forward passes under
     bf16 autocast (CUDA; an arm that is a CNN in channels_last, whichever arm it is:
     models.uses_channels_last), the loss, one backward pass into both arms, both optimiser steps.
-    Returns (loss, guard fired, cnn output, vit output) as device tensors, no host sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm
-    with pretraining heads (models.CassArm) returns (output, predictor output or None)."""
+    Returns (loss, guard fired, cnn output, vit output) as device tensors, no host sync. Under DDP,
+    fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm with pretraining
+    heads (models.CassArm) returns (output, predictor output or None)."""
     with autocast(device):
         r = fwd_cnn(in_layout(x, uses_channels_last(fwd_cnn, device)))
         t = fwd_vit(in_layout(x, uses_channels_last(fwd_vit, device)))
