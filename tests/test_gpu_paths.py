@@ -154,3 +154,51 @@ def _roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+# ---------------------------------------------------------------- 5. run_all workers release each job's loaders
+
+JOB = '''
+import torch
+import loading
+
+WORKERS = []
+
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return torch.zeros(1)
+
+
+def main(argv):
+    loader = loading.make_loader(Items(), 2, shuffle=True, workers=1, generator=torch.Generator().manual_seed(0))
+    for _ in loader:
+        pass
+    WORKERS.extend(loader._iterator._workers)  # (persistent: alive after the epoch)
+    assert loading._LOADERS and all(w.is_alive() for w in WORKERS)
+    return 0
+'''
+
+
+def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeypatch):
+    """A job run in one of run_all's worker processes (job_runner.run_in_worker) builds a persistent
+    loader with a worker process; when the job ends, the loader is forgotten and its worker stopped
+    (a worker process runs many jobs: their loaders would pile up)."""
+    import loading
+    from job_runner import run_in_worker
+    (tmp_path / "loader_job.py").write_text(JOB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert run_in_worker(["loader_job.py"], tmp_path / "log.txt") == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    import loader_job
+    assert loader_job.WORKERS
+    assert loading._LOADERS == {}
+    assert not any(w.is_alive() for w in loader_job.WORKERS)
