@@ -245,11 +245,14 @@ def resume_point(out, ckpt: dict):
 
 
 def resume_mid_epoch(partial: dict, device):
-    """Restore the random generators saved by save_mid_epoch; returns (the running sums on `device`
-    on rank 0 and {} on the other processes, so the epoch's final all-reduce counts them once,
-    the seconds already spent)."""
+    """Restore the random generators saved by save_mid_epoch; returns (the running sums on `device`:
+    the saved ones on rank 0 and zeros of the same shapes on the other processes, so the epoch's
+    final all-reduce counts them once and every process holds the same sums, even when the stop came
+    after the epoch's last step and no step is left to create them; the seconds already spent)."""
     set_rng_state(partial["rng"])
-    return (_tree_map(partial["sums"], lambda t: t.to(device)) if is_main() else {}), partial["seconds"]
+    main = is_main()
+    sums = _tree_map(partial["sums"], lambda t: t.to(device) if main else torch.zeros_like(t, device=device))
+    return sums, partial["seconds"]
 
 
 def _leaves(tree):
