@@ -346,8 +346,25 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
     return loss.detach(), stats
 
 
+def wrap_and_compile(student: nn.Module, teacher: nn.Module, device, compile: bool) -> nn.Module:
+    """The student as the training step calls it: in DistributedDataParallel under torchrun (gradients
+    averaged over the processes), then, with --compile, compiled as a whole, DDP included (PyTorch's
+    guidance: DDP first, then compile, so that TorchDynamo splits the graph at DDP's gradient buckets
+    and the all-reduces overlap the backward pass; a backbone compiled inside DDP would hand DDP all
+    its gradients at once, at the end of its backward). The teacher, never wrapped, gets its backbone
+    compiled. In a single process the student's backbone alone is compiled, as the teacher's."""
+    fwd_student = wrap_ddp(student, device)
+    if compile:
+        teacher.compile_backbone()
+        if fwd_student is student:
+            student.compile_backbone()
+        else:
+            fwd_student = torch.compile(fwd_student)
+    return fwd_student
+
+
 def is_cnn_input(model):
-    return not is_transformer(getattr(model, "module", model).backbone)  # (a DDP-wrapped student too)
+    return not is_transformer(model)  # (the backbone, also of a DDP-wrapped or compiled student: models.backbone_of)
 
 
 # ---------------------------------------------------------------- main
@@ -387,9 +404,7 @@ def main(argv=None):
     lr_schedule = cosine_scheduler(peak_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
-    if args.compile:
-        student.compile_backbone(), teacher.compile_backbone()
-    fwd_student = wrap_ddp(student, device)  # torchrun: gradients averaged over the processes
+    fwd_student = wrap_and_compile(student, teacher, device, args.compile)
 
     def train_state():  # what a checkpoint holds besides the epoch
         return {"elapsed": elapsed, "student": student.state_dict(), "teacher": teacher.state_dict(),

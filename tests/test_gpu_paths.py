@@ -202,3 +202,34 @@ def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeyp
     assert loader_job.WORKERS
     assert loading._LOADERS == {}
     assert not any(w.is_alive() for w in loader_job.WORKERS)
+
+
+# ---------------------------------------------------------------- 8. DINO: DDP first, then compile
+
+def test_dino_compiles_the_ddp_wrapped_student(monkeypatch):
+    """Under torchrun (DDP stood in for by a wrapper module) --compile compiles the student after it
+    is wrapped, the wrapper included, and leaves its backbone uncompiled inside; the teacher (never
+    wrapped) gets its backbone compiled. In one process both backbones are compiled, as before."""
+    import pretrain_dino as PD
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(m) or m)
+    args = PD.get_args(["--arch", "test_resnet", "--init", "random", "--img-size", "32", "--out-dim", "16",
+                        "--hidden-dim", "16", "--bottleneck-dim", "8", "--out", "unused"])
+    student, teacher, _ = PD.build_models(args, torch.device("cpu"))
+    monkeypatch.setattr(PD, "wrap_ddp", lambda m, device: FakeDDP(m))
+    fwd = PD.wrap_and_compile(student, teacher, torch.device("cpu"), True)
+    assert isinstance(fwd, FakeDDP) and fwd.module is student
+    assert compiled == [teacher.backbone, fwd]
+    assert student._backbone_fn is None
+
+    compiled.clear()
+    student, teacher, _ = PD.build_models(args, torch.device("cpu"))
+    monkeypatch.setattr(PD, "wrap_ddp", lambda m, device: m)  # one process
+    assert PD.wrap_and_compile(student, teacher, torch.device("cpu"), True) is student
+    assert compiled == [teacher.backbone, student.backbone]
