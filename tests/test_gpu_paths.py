@@ -204,6 +204,37 @@ def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeyp
     assert not any(w.is_alive() for w in loader_job.WORKERS)
 
 
+# ---------------------------------------------------------------- 9. bench_gpu.sh's budget, bench.py's memory figures
+
+def test_bench_gpu_group_limits_add_up_to_at_most_the_budget():
+    import re
+    from conftest import ROOT
+    text = (ROOT / "bench_gpu.sh").read_text()
+    budget = int(re.search(r"^BUDGET=\$\(\( (\d+) \* SCALE \)\)", text, re.M).group(1))
+    named = re.search(r"^LIMITS=\(([\d ]+)\)", text, re.M)
+    named = [int(v) for v in named.group(1).split()] if named else []
+    limits = {}
+    for value, group in re.findall(r"^\s*run (\S+) (\w+)", text, re.M):
+        i = re.fullmatch(r'"\$\{LIMITS\[(\d)\]\}"', value)
+        limits[group] = named[int(i.group(1))] if i else int(value)
+    assert set(limits) == {"data", "steps_bs16", "steps_bs64", "compile_bs16"}
+    assert sum(limits.values()) <= budget, limits
+
+
+def test_bench_resets_the_peak_after_the_warm_up_and_reports_reserved_memory(monkeypatch):
+    """On CUDA (stood in for: the torch.cuda calls are recorded), the peak memory statistics are reset
+    after the warm-up steps, before the timed ones, and both peaks are reported."""
+    import bench
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 5 * 2**20)
+    bench.timed(lambda: events.append("step"), CUDA, warmup=2, steps=3)
+    assert events == ["step", "step", "reset", "step", "step", "step"]
+    assert bench.peak_memory(CUDA) == {"peak_mem_mb": 3.0, "peak_reserved_mb": 5.0}
+
+
 # ---------------------------------------------------------------- 8. DINO: DDP first, then compile
 
 def test_dino_compiles_the_ddp_wrapped_student(monkeypatch):
