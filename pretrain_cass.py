@@ -133,6 +133,14 @@ def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     return loss, fired, r, t
 
 
+def swa_batchnorm(swa: AveragedModel, batches, device):
+    """Recompute the BatchNorm statistics of an SWA average over `batches` (torch's update_bn) under
+    the bf16 autocast of training on CUDA: the statistics of the activations the averaged weights
+    meet in training and in evaluation (finetune.py and the monitors also run under autocast)."""
+    with autocast(device):
+        update_bn(batches, swa, device=device)
+
+
 def has_batchnorm(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -140,7 +148,7 @@ def has_batchnorm(model):
 @restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
+    device = setup_distributed(pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU (or CPU process)
 
     config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
@@ -288,7 +296,7 @@ def main(argv=None):
                                 generator=seed_epoch(args.seed, args.epochs), device=device, shard=True)
         for swa in (swa_cnn, swa_vit):
             if has_batchnorm(swa.module):  # (synchronised BatchNorm under torchrun: every process takes part)
-                update_bn(((prepare(x),) for x, _, _ in bn_loader), swa, device=device)
+                swa_batchnorm(swa, ((prepare(x),) for x, _, _ in bn_loader), device)
         save_weights(swa_cnn.module, out / "cnn.safetensors")
         save_weights(swa_vit.module, out / "vit.safetensors")
     else:

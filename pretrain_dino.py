@@ -372,7 +372,7 @@ def is_cnn_input(model):
 @restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
+    device = setup_distributed(pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU (or CPU process)
     config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 

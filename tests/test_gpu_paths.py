@@ -264,3 +264,119 @@ def test_dino_compiles_the_ddp_wrapped_student(monkeypatch):
     monkeypatch.setattr(PD, "wrap_ddp", lambda m, device: m)  # one process
     assert PD.wrap_and_compile(student, teacher, torch.device("cpu"), True) is student
     assert compiled == [teacher.backbone, student.backbone]
+
+
+# ---------------------------------------------------------------- 7. the process group's timeout
+
+class Joined(Exception):
+    """Raised by the stand-in for init_process_group: the script got that far."""
+
+
+@pytest.mark.parametrize("script,flags", [("pretrain_cass", []), ("pretrain_dino", []), ("finetune", [])])
+@pytest.mark.parametrize("given,minutes", [([], 60), (["--dist-timeout", "90"], 90)])
+def test_dist_timeout_reaches_init_process_group(monkeypatch, script, flags, given, minutes):
+    """Each training script, started as torchrun would (WORLD_SIZE=2), joins the process group with
+    --dist-timeout minutes (default 60, above NCCL's 10: rank 0 alone may build the decoded cache)."""
+    import datetime
+    import importlib
+
+    import distributed
+    seen = {}
+
+    def init(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+        raise Joined
+    monkeypatch.setattr(distributed.dist, "init_process_group", init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(Joined):
+        importlib.import_module(script).main(["--device", "cpu", "--out", "unused", *flags, *given])
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=minutes)}
+
+
+def test_a_run_folder_from_before_dist_timeout_resumes_with_any(tmp_path):
+    """--dist-timeout changes how a run is executed, not what it computes: a run folder written
+    before the flag existed, or with another value, is the same run."""
+    import json
+
+    from runs import check_out_dir
+    (tmp_path / "config.json").write_text(json.dumps({"data": "synthetic", "bs": 16}))
+    assert check_out_dir(tmp_path, {"data": "synthetic", "bs": 16, "dist_timeout": 90.0}, force=False) == tmp_path
+
+
+def test_dist_timeout_must_be_positive(monkeypatch):
+    from common import UserError
+    from distributed import setup_distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--dist-timeout 0: give a positive number of minutes"):
+        setup_distributed(torch.device("cpu"), 0)
+
+
+# ---------------------------------------------------------------- 10. smaller: set_device, seeds, update_bn, pick_device
+
+def test_device_cuda_n_becomes_the_current_cuda_device(monkeypatch):
+    from common import UserError, pick_device
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 1)]
+    assert pick_device("cuda") == CUDA and len(calls) == 1  # (no index: the current device stays)
+    with pytest.raises(UserError, match="--device cuda:2: this machine has 2 CUDA device"):
+        pick_device("cuda:2")
+    with pytest.raises(UserError, match="--device gpu: not a device"):
+        pick_device("gpu")
+
+
+def test_each_process_draws_its_own_random_numbers_from_the_same_data_order(monkeypatch):
+    """Under torchrun, seed_epoch gives every process the same loader generator (the data order and
+    the augmentations) but its own global generators (drop path, guard noise): rank 0's are those of
+    a single process."""
+    import runs
+    draws, orders = {}, {}
+    for r in (None, 0, 1):
+        monkeypatch.setattr(runs, "rank", lambda r=r: r or 0)
+        g = runs.seed_epoch(3, 2)
+        draws[r], orders[r] = torch.rand(4), g.initial_seed()
+    assert torch.equal(draws[None], draws[0]) and not torch.equal(draws[0], draws[1])
+    assert orders[None] == orders[0] == orders[1]
+
+
+def test_mid_epoch_resume_restores_each_process_its_own_generators(monkeypatch):
+    import runs
+    states, want = [], []
+    for s in (1, 2):
+        torch.manual_seed(s)
+        states.append(runs.rng_state())
+        want.append(torch.rand(3))
+    partial = {"rng": states[0], "rng_ranks": states, "sums": {"n": torch.ones(2)}, "seconds": 1.0}
+    for r in (0, 1):
+        monkeypatch.setattr(runs, "rank", lambda r=r: r)
+        monkeypatch.setattr(runs, "is_main", lambda r=r: r == 0)
+        monkeypatch.setattr(runs, "world_size", lambda: 2)
+        sums, _ = runs.resume_mid_epoch(partial, torch.device("cpu"))
+        assert torch.equal(torch.rand(3), want[r])
+        assert torch.equal(sums["n"], torch.ones(2) if r == 0 else torch.zeros(2))
+
+
+def test_swa_batchnorm_statistics_are_recomputed_under_autocast(monkeypatch):
+    """The SWA BatchNorm recomputation runs under the autocast of training (CUDA's bf16 stood in for by
+    the CPU's): the BatchNorm layers see the bf16 activations the weights see in training."""
+    import pretrain_cass
+    from torch.optim.swa_utils import AveragedModel
+    monkeypatch.setattr(pretrain_cass, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    seen = []
+    net[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    swa = AveragedModel(net)
+    pretrain_cass.swa_batchnorm(swa, [(torch.randn(2, 3, 8, 8),)], torch.device("cpu"))
+    assert seen == [torch.bfloat16]
+
+
+def test_attention_maps_picks_its_device_as_the_other_scripts(monkeypatch):
+    import attention_maps
+    from common import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda:0: CUDA is not available"):
+        attention_maps.main(["--arch", "test_vit", "--weights", "missing.safetensors", "--device", "cuda:0"])
