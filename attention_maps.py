@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, run_cli
+from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, pick_device, run_cli
 from datasets import load_data
 from loading import ImageDataset
 from models import NORMS, apply_norm, create_backbone
@@ -309,7 +309,7 @@ def get_args(argv=None):
     g.add_argument("--feature-layers", choices=("stages", "convs"), default="stages",
                    help="stages: stem + layer1..4 (timm feature stages); convs: the first five Conv2d outputs")
     p.add_argument("--out", default="results/figures", help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA if present)")
     args = p.parse_args(argv)
     args.labels = [s.strip() for s in args.labels.split(",")]
     if len(args.labels) != 2:
@@ -324,7 +324,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     out = Path(args.out)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     single, single_id, many, many_ids = test_images(args)
     summary = {"data": args.data, "single_image": single_id, "n": len(many_ids), "labels": args.labels}
     written = []

@@ -28,8 +28,12 @@ The data measurements use --n-images synthetic JPEGs (half 1024 x 1024, half 600
 ISIC 2019) written to a temporary folder, at --data-size px (default 384, the paper's size), and
 report images/s and images/s per worker (--workers 0: the main process is the one worker).
 Step measurements run --warmup steps first, then time --steps (torch.cuda.synchronize around them
-on CUDA). peak_mem_mb: torch.cuda.max_memory_allocated on CUDA (reset per measurement); on the CPU
-the process's peak resident memory so far (ru_maxrss, monotonic over the run: an upper bound).
+on CUDA). On CUDA the peak memory statistics are reset after the warm-up (compilation, autotuning and
+cuDNN's benchmark runs happen there, once per run), so they cover the timed steps: peak_mem_mb is
+torch.cuda.max_memory_allocated (what the tensors took), peak_reserved_mb max_memory_reserved (what
+the process held in PyTorch's caching allocator, warm-up's cached blocks included: what has to fit in
+the GPU). On the CPU peak_mem_mb is the process's peak resident memory so far (ru_maxrss, monotonic
+over the run: an upper bound) and peak_reserved_mb is null.
 Random initialisation always (no download). A failed measurement (e.g. out of memory) prints a line
 with "error" and the others go on.
 """
@@ -135,11 +139,20 @@ def peak_mb(device, children=False):
         return None
 
 
+def peak_memory(device, children=False) -> dict:
+    """peak_mem_mb and peak_reserved_mb (see the module's docstring)."""
+    reserved = round(torch.cuda.max_memory_reserved(device) / 2**20, 1) if device.type == "cuda" else None
+    return {"peak_mem_mb": peak_mb(device, children), "peak_reserved_mb": reserved}
+
+
 def timed(step, device, warmup, steps):
-    """Seconds per call of step() after `warmup` calls (synchronised on CUDA)."""
+    """Seconds per call of step() after `warmup` calls (synchronised on CUDA). The peak memory
+    statistics are reset after the warm-up: they are those of the timed steps."""
     for _ in range(warmup):
         step()
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -160,13 +173,14 @@ def normal_batch(args, size, bs=None):
 
 def cass_models(args):
     from losses import CASSLoss
-    from models import create_backbone
+    from models import create_backbone, uses_channels_last
     from pretrain_cass import make_optimizer
     torch.manual_seed(0)
     cnn = create_backbone(args.cnn, "random", img_size=args.img_size).to(args.device)
     vit = create_backbone(args.vit, "random", img_size=args.img_size).to(args.device)
-    if args.device.type == "cuda":
-        cnn = cnn.to(memory_format=torch.channels_last)
+    for m in (cnn, vit):
+        if uses_channels_last(m, args.device):
+            m.to(memory_format=torch.channels_last)
     opt_c = make_optimizer("adam", cnn.parameters(), 1e-3, args.device)
     opt_v = make_optimizer("adam", vit.parameters(), 1e-3, args.device)
     fc, fv = (torch.compile(cnn), torch.compile(vit)) if args.compile else (cnn, vit)
@@ -181,7 +195,7 @@ def bench_cass_step(args):
     s = timed(lambda: cass_step(x, fc, fv, crit, oc, ov, args.device), args.device, args.warmup, args.steps)
     rec = base(args, "cass_step", cnn=args.cnn, vit=args.vit, bs=args.bs, img_size=args.img_size,
                compile=args.compile, steps=args.steps, s_per_step=round(s, 5), img_per_s=round(args.bs / s, 2),
-               isic_epoch_s=round(17700 / (args.bs / s), 1), peak_mem_mb=peak_mb(args.device))
+               isic_epoch_s=round(17700 / (args.bs / s), 1), **peak_memory(args.device))
     return rec
 
 
@@ -216,18 +230,18 @@ def bench_dino_step(args, kind):
     return base(args, f"dino_step_{kind}", arch=arch, bs=args.bs, img_size=args.img_size, global_crops=2,
                 local_crops=args.local_crops, local_size=args.local_size, out_dim=args.out_dim, compile=args.compile,
                 steps=args.steps, s_per_step=round(s, 5), img_per_s=round(args.bs / s, 2),
-                isic_epoch_s=round(17700 / (args.bs / s), 1), peak_mem_mb=peak_mb(args.device))
+                isic_epoch_s=round(17700 / (args.bs / s), 1), **peak_memory(args.device))
 
 
 def bench_finetune_step(args, kind):
     from finetune import finetune_step
     from losses import FocalLoss
-    from models import create_backbone
+    from models import create_backbone, uses_channels_last
     arch = args.cnn if kind == "cnn" else args.vit
     reset_peak(args.device)
     torch.manual_seed(0)
     model = create_backbone(arch, "random", num_classes=8, img_size=args.img_size).to(args.device)
-    if args.device.type == "cuda" and kind == "cnn":
+    if uses_channels_last(model, args.device):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=args.device.type == "cuda")
     fwd = torch.compile(model) if args.compile else model
@@ -238,7 +252,7 @@ def bench_finetune_step(args, kind):
     s = timed(lambda: finetune_step(fwd, x, y, crit, opt, args.device), args.device, args.warmup, args.steps)
     return base(args, f"finetune_step_{kind}", arch=arch, bs=args.bs, img_size=args.img_size, compile=args.compile,
                 steps=args.steps, s_per_step=round(s, 5), img_per_s=round(args.bs / s, 2),
-                peak_mem_mb=peak_mb(args.device))
+                **peak_memory(args.device))
 
 
 # ---------------------------------------------------------------- data
@@ -339,7 +353,7 @@ def bench_gpu_aug(args, kind):
     return base(args, f"gpu_aug_{kind}", bs=args.bs, img_size=args.img_size, source_size=S,
                 **({"local_crops": args.local_crops, "local_size": args.local_size} if kind == "dino" else {}),
                 steps=args.steps, s_per_batch=round(s, 5), img_per_s=round(args.bs / s, 2),
-                peak_mem_mb=peak_mb(args.device))
+                **peak_memory(args.device))
 
 
 def bench_e2e(args, name, tmp):
@@ -382,7 +396,7 @@ def bench_e2e(args, name, tmp):
     return base(args, name, **extra, bs=args.bs, img_size=args.img_size, cache_size=S, workers=args.workers,
                 gpu_aug=gpu, compile=args.compile, steps=args.steps, s_per_step=round(s, 5),
                 img_per_s=round(args.bs / s, 2), isic_epoch_s=round(17700 / (args.bs / s), 1),
-                peak_mem_mb=peak_mb(args.device))
+                **peak_memory(args.device))
 
 
 # ---------------------------------------------------------------- main

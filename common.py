@@ -95,7 +95,11 @@ def add_common_args(p: argparse.ArgumentParser, *, bs, epochs, img_size, init="i
                         "or PATH to a local weight file (.safetensors or a state dict .pth)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data loader worker processes (0 loads in the main process)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--dist-timeout", type=float, default=60, metavar="MIN",
+                   help="under torchrun: minutes a process waits in a collective operation before failing "
+                        "(init_process_group's timeout; NCCL's default, 10, is too short for rank 0 building "
+                        "a large data set's decoded-image cache while the others wait)")
     g.add_argument("--force", action="store_true",
                    help="reuse an output folder that holds a run with a different config (its checkpoint "
                         "is discarded)")
@@ -153,11 +157,22 @@ def seed_everything(seed: int):
 
 
 def pick_device(name: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N. A GPU named by its index becomes the current CUDA device
+    (torch.cuda.set_device), so that what runs without naming a device (cuDNN's and cuBLAS's
+    handles, torch.cuda.synchronize(), the memory statistics) goes to it, not to cuda:0."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast(device: torch.device):

@@ -3,6 +3,7 @@ does not run on. Imported by models.sync_batchnorm only then; CUDA runs use nn.S
 
 import torch
 import torch.distributed as dist
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from distributed import world_size
@@ -43,11 +44,29 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class CpuSyncBatchNormAct(CpuSyncBatchNorm):
+    """CpuSyncBatchNorm followed by the dropout and activation of the timm BatchNormAct2d it replaces
+    (timm's fused BatchNorm + activation of DenseNet, EfficientNet, MobileNet), as
+    timm.layers.SyncBatchNormAct does on CUDA."""
+
+    def __init__(self, *args, act: nn.Module, drop: nn.Module):
+        super().__init__(*args)
+        self.act, self.drop = act, drop
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
 def convert_to_cpu_sync_batchnorm(m: nn.Module) -> nn.Module:
     """Every BatchNorm layer of m replaced by a CpuSyncBatchNorm that keeps its parameters and buffers
-    (the same tensors) and its training mode."""
+    (the same tensors) and its training mode; a timm BatchNormAct2d by a CpuSyncBatchNormAct that
+    also keeps its activation and dropout modules."""
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, CpuSyncBatchNorm):
-        new = CpuSyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        settings = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        if isinstance(m, BatchNormAct2d):
+            new = CpuSyncBatchNormAct(*settings, act=m.act, drop=m.drop)
+        else:
+            new = CpuSyncBatchNorm(*settings)
         if m.affine:
             new.weight, new.bias = m.weight, m.bias
         if m.track_running_stats:

@@ -2,6 +2,7 @@
 collective operations the scripts need. In a single process every helper is a no-op."""
 
 import atexit
+import datetime
 import os
 import sys
 
@@ -12,11 +13,19 @@ import tqdm
 from errors import UserError
 
 
-def setup_distributed(device: torch.device) -> torch.device:
+DEFAULT_TIMEOUT_MIN = 60  # rank 0 alone builds the decoded-image cache while the others wait (ISIC: minutes)
+
+
+def setup_distributed(device: torch.device, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> torch.device:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this process's
-    device (cuda:LOCAL_RANK on CUDA). Backend nccl on CUDA, gloo on the CPU. On CUDA it also turns
-    on cudnn.benchmark (every script trains at fixed sizes). Processes other than
-    rank 0 print nothing to stdout and show no progress bars; their errors still reach stderr."""
+    device (cuda:LOCAL_RANK on CUDA). Backend nccl on CUDA, gloo on the CPU, with a timeout of
+    timeout_min minutes for every collective operation (--dist-timeout: NCCL's default of 10 minutes
+    is shorter than the wait of the other processes while rank 0 builds the decoded-image cache in
+    main_first). On CUDA it also turns on cudnn.benchmark (every script trains at fixed sizes).
+    Processes other than rank 0 print nothing to stdout and show no progress bars; their errors
+    still reach stderr."""
+    if not timeout_min > 0:
+        raise UserError(f"--dist-timeout {timeout_min}: give a positive number of minutes")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -29,9 +38,9 @@ def setup_distributed(device: torch.device) -> torch.device:
                             "(torchrun --nproc_per_node at most the number of GPUs)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=timeout_min))
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_min))
     atexit.register(cleanup_distributed)
     if dist.get_rank() != 0:
         init = tqdm.tqdm.__init__
@@ -85,6 +94,15 @@ class main_first:
         if is_main() and exc_type is None:
             barrier()
         return False
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in rank order; [obj] in a single process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

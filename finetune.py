@@ -280,7 +280,7 @@ def finetune_step(fwd, x, y, criterion, opt, device):
 @runs.restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = distributed.setup_distributed(common.pick_device(args.device))  # torchrun: one process per GPU
+    device = distributed.setup_distributed(common.pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU
     config = dict(vars(args))
     runtime = (*runs.RUNTIME_FLAGS, "keep_checkpoint")
     out = runs.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
@@ -438,7 +438,7 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
     ckpt = runs.load_checkpoint(out)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        runs.load_optimizer_state(opt, ckpt["optimizer"])  # (written on any device)
         sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["early_stopping"])
         best_state = ckpt["best_state"]

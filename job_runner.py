@@ -89,6 +89,8 @@ def run_in_worker(argv: list, log_path) -> int:
         finally:  # the next job in this worker starts with the usual signal behaviour
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if "loading" in sys.modules:  # and without this job's loaders: their worker processes stopped
+                sys.modules["loading"].close_loaders()
     gc.collect()
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         sys.modules["torch"].cuda.empty_cache()

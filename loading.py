@@ -155,10 +155,12 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _close_loaders():
-    """Stop every loader's worker processes at exit. Registered (by make_loader, with the first loader
-    that has workers) after multiprocessing's own exit handler, so it runs first: that one ends
-    workers with SIGTERM, which ours ignore."""
+def close_loaders():
+    """Stop every persistent loader's worker processes (and pin-memory threads) and forget the loaders:
+    called when a run ends in a process that goes on (run_all's workers, job_runner.run_in_worker),
+    and at exit. Registered at exit (by make_loader, with the first loader that has workers) after
+    multiprocessing's own exit handler, so it runs first: that one ends workers with SIGTERM, which
+    ours ignore."""
     for loader in list(_WORKER_LOADERS):
         it = getattr(loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
@@ -169,7 +171,7 @@ def _close_loaders():
     _LOADERS.clear()
 
 
-_WORKER_LOADERS = weakref.WeakSet()  # every loader with worker processes, for _close_loaders
+_WORKER_LOADERS = weakref.WeakSet()  # every loader with worker processes, for close_loaders
 
 
 def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=None, device=None, shard=False,
@@ -200,8 +202,8 @@ def make_loader(dataset, bs, *, shuffle, workers, drop_last=False, generator=Non
         if workers > 0:
             _LOADERS[key] = (dataset, loader)
             if not _WORKER_LOADERS:  # (again after an earlier one was gone: unregister first, so once)
-                atexit.unregister(_close_loaders)
-                atexit.register(_close_loaders)
+                atexit.unregister(close_loaders)
+                atexit.register(close_loaders)
             _WORKER_LOADERS.add(loader)
     loader.sampler.set_epoch_seed(generator.initial_seed() if generator is not None else None,
                                   start=skip_batches * (bs // world))

@@ -88,17 +88,50 @@ def apply_norm(model: nn.Module, norm: str):
         raise UserError(f"--norm model: {type(model).__name__} has no 3-channel input convolution to normalise for")
     scale = (torch.tensor(std_in) / torch.tensor(std)).view(1, 3, 1, 1)
     shift = ((torch.tensor(mean_in) - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)
+    consts = {}  # (device, dtype) -> (scale, shift) there: copied once (a copy from the host blocks on CUDA)
 
     def renormalise(module, args):
         x = args[0]
-        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype),) + tuple(args[1:])
+        key = (x.device, x.dtype)
+        if key not in consts:
+            consts[key] = (scale.to(x.device, x.dtype), shift.to(x.device, x.dtype))
+        s, b = consts[key]
+        return (x * s + b,) + tuple(args[1:])
     stem.register_forward_pre_hook(renormalise)
     return mean, std
 
 
 def is_transformer(model: nn.Module) -> bool:
-    """A ViT-like timm model (patch embedding, blocks), as opposed to a CNN (channels_last on CUDA)."""
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks")
+    """A Transformer (timm's ViT, DeiT, Swin, BEiT, EVA, ...: they cut the image into patches with a
+    patch embedding, `patch_embed`) as opposed to a CNN (ResNet, DenseNet, EfficientNet, MobileNet,
+    ConvNeXt; hybrids such as CoAtNet count as CNNs: convolutional stems and stages). CNNs run in
+    channels_last on CUDA, and DINO gives Transformers its default drop path. (EfficientNet and
+    MobileNetV3 also have `blocks`, so that attribute says nothing.)"""
+    from timm.models import VisionTransformer
+    model = backbone_of(model)
+    return isinstance(model, VisionTransformer) or hasattr(model, "patch_embed")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm model inside the wrappers the scripts put around it: torch.compile (`_orig_mod`),
+    DistributedDataParallel (`module`), a CassArm or DINO's MultiCropNet (`backbone`)."""
+    while True:
+        inner = next((getattr(model, a) for a in ("_orig_mod", "module", "backbone")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether `model` (or the backbone inside its wrappers) runs in channels_last on `device`: every
+    CNN on CUDA, whichever arm it is (e.g. CASS --vit densenet161), never a Transformer."""
+    return device.type == "cuda" and not is_transformer(model)
+
+
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The input batch x in channels_last when asked, else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def count_params(model: nn.Module) -> int:
@@ -109,13 +142,17 @@ def count_params(model: nn.Module) -> int:
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Under torch.distributed, BatchNorm layers computing their statistics over the global batch
-    (nn.SyncBatchNorm on CUDA, cpu_sync_batchnorm.CpuSyncBatchNorm on the CPU); a no-op in a single
-    process. The parameters and buffers are kept (the same tensors), so optimisers may be built
-    before or after."""
+    (timm's conversion on CUDA: nn.SyncBatchNorm, and timm.layers.SyncBatchNormAct for timm's fused
+    BatchNormAct2d, which keeps its activation and dropout; cpu_sync_batchnorm on the CPU, likewise);
+    a no-op in a single process. The parameters and buffers are kept (the same tensors), so
+    optimisers may be built before or after. (torch's own nn.SyncBatchNorm.convert_sync_batchnorm
+    turns a BatchNormAct2d into a plain BatchNorm: DenseNet, EfficientNet and MobileNet would lose
+    their activations.)"""
     if world_size() == 1:
         return model
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm
+        return convert_sync_batchnorm(model)
 
     from cpu_sync_batchnorm import convert_to_cpu_sync_batchnorm
     return convert_to_cpu_sync_batchnorm(model)

@@ -25,11 +25,11 @@ from datasets import load_data, write_skipped
 from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
 from loading import cass_pipeline, make_loader, use_gpu_aug
 from losses import CASSLoss
-from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, save_weights, sync_batchnorm,
-                    wrap_ddp)
+from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, in_layout, save_weights,
+                    sync_batchnorm, uses_channels_last, wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
-                  resume_point, save_checkpoint, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -116,13 +116,14 @@ def make_optimizer(kind, params, lr, device):
 
 def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     """One CASS iteration on the input batch x (on the device): both arms' forward passes under
-    bf16 autocast (CUDA; the CNN in channels_last), the loss, one backward pass into both arms, both
-    optimiser steps. Returns (loss, guard fired, cnn output, vit output) as device tensors, no host
-    sync. Under DDP, fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm
-    with pretraining heads (models.CassArm) returns (output, predictor output or None)."""
+    bf16 autocast (CUDA; an arm that is a CNN in channels_last, whichever arm it is:
+    models.uses_channels_last), the loss, one backward pass into both arms, both optimiser steps.
+    Returns (loss, guard fired, cnn output, vit output) as device tensors, no host sync. Under DDP,
+    fwd_cnn / fwd_vit are the wrapped arms and the gradients are averaged. An arm with pretraining
+    heads (models.CassArm) returns (output, predictor output or None)."""
     with autocast(device):
-        r = fwd_cnn(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
-        t = fwd_vit(x)
+        r = fwd_cnn(in_layout(x, uses_channels_last(fwd_cnn, device)))
+        t = fwd_vit(in_layout(x, uses_channels_last(fwd_vit, device)))
     (r, pr), (t, pt) = (r, t) if isinstance(r, tuple) else ((r, None), (t, None))
     loss, fired = criterion(r, t, pr, pt)
     opt_cnn.zero_grad(set_to_none=True)  # the authors' loop never zeroed the gradients
@@ -132,6 +133,14 @@ def cass_step(x, fwd_cnn, fwd_vit, criterion, opt_cnn, opt_vit, device):
     return loss, fired, r, t
 
 
+def swa_batchnorm(swa: AveragedModel, batches, device):
+    """Recompute the BatchNorm statistics of an SWA average over `batches` (torch's update_bn) under
+    the bf16 autocast of training on CUDA: the statistics of the activations the averaged weights
+    meet in training and in evaluation (finetune.py and the monitors also run under autocast)."""
+    with autocast(device):
+        update_bn(batches, swa, device=device)
+
+
 def has_batchnorm(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -139,7 +148,7 @@ def has_batchnorm(model):
 @restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
+    device = setup_distributed(pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU (or CPU process)
 
     config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
@@ -174,8 +183,9 @@ def main(argv=None):
             arms[name] = sync_batchnorm(CassArm(m, proj, pred), device).to(device)
         cnn, vit = arms["cnn"].backbone, arms["vit"].backbone  # (sync_batchnorm may have rebuilt them)
     norms = {"cnn": apply_norm(cnn, args.norm), "vit": apply_norm(vit, args.norm)}  # each arm's (mean, std)
-    if device.type == "cuda":
-        cnn = cnn.to(memory_format=torch.channels_last)
+    for arm in (cnn, vit):  # CNNs in channels_last on CUDA, whichever arm they are (e.g. --vit densenet161)
+        if uses_channels_last(arm, device):
+            arm.to(memory_format=torch.channels_last)
     arm_cnn, arm_vit = arms.get("cnn", cnn), arms.get("vit", vit)
     opt_cnn = make_optimizer(args.cnn_opt, arm_cnn.parameters(), args.lr, device)
     opt_vit = make_optimizer("adam", arm_vit.parameters(), args.lr, device)
@@ -201,10 +211,10 @@ def main(argv=None):
     start_epoch, partial = 0, None
     ckpt = load_checkpoint(out)
     if ckpt is not None:
-        for obj, key in ((cnn, "cnn"), (vit, "vit"), (opt_cnn, "opt_cnn"), (opt_vit, "opt_vit"),
-                         (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"), (swa_cnn, "swa_cnn"),
-                         (swa_vit, "swa_vit")):
+        for obj, key in ((cnn, "cnn"), (vit, "vit"), (sched_cnn, "sched_cnn"), (sched_vit, "sched_vit"),
+                         (swa_cnn, "swa_cnn"), (swa_vit, "swa_vit")):
             obj.load_state_dict(ckpt[key])
+        load_optimizer_state(opt_cnn, ckpt["opt_cnn"]), load_optimizer_state(opt_vit, ckpt["opt_vit"])  # (any device)
         for k, a in arms.items():
             a.load_state_dict(ckpt[f"heads_{k}"], strict=False)  # (the backbone's keys are loaded above)
         start_epoch, partial = resume_point(out, ckpt)
@@ -286,7 +296,7 @@ def main(argv=None):
                                 generator=seed_epoch(args.seed, args.epochs), device=device, shard=True)
         for swa in (swa_cnn, swa_vit):
             if has_batchnorm(swa.module):  # (synchronised BatchNorm under torchrun: every process takes part)
-                update_bn(((prepare(x),) for x, _, _ in bn_loader), swa, device=device)
+                swa_batchnorm(swa, ((prepare(x),) for x, _, _ in bn_loader), device)
         save_weights(swa_cnn.module, out / "cnn.safetensors")
         save_weights(swa_vit.module, out / "vit.safetensors")
     else:

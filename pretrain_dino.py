@@ -45,8 +45,8 @@ from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
 from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, prepare_out_dir, restores_signal_handlers,
-                  resume_point, save_checkpoint, seed_epoch)
+from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -346,8 +346,25 @@ def train_step(crops, student, teacher, loss_fn, optimizer, *, epoch, lr, wd, mo
     return loss.detach(), stats
 
 
+def wrap_and_compile(student: nn.Module, teacher: nn.Module, device, compile: bool) -> nn.Module:
+    """The student as the training step calls it: in DistributedDataParallel under torchrun (gradients
+    averaged over the processes), then, with --compile, compiled as a whole, DDP included (PyTorch's
+    guidance: DDP first, then compile, so that TorchDynamo splits the graph at DDP's gradient buckets
+    and the all-reduces overlap the backward pass; a backbone compiled inside DDP would hand DDP all
+    its gradients at once, at the end of its backward). The teacher, never wrapped, gets its backbone
+    compiled. In a single process the student's backbone alone is compiled, as the teacher's."""
+    fwd_student = wrap_ddp(student, device)
+    if compile:
+        teacher.compile_backbone()
+        if fwd_student is student:
+            student.compile_backbone()
+        else:
+            fwd_student = torch.compile(fwd_student)
+    return fwd_student
+
+
 def is_cnn_input(model):
-    return not is_transformer(getattr(model, "module", model).backbone)  # (a DDP-wrapped student too)
+    return not is_transformer(model)  # (the backbone, also of a DDP-wrapped or compiled student: models.backbone_of)
 
 
 # ---------------------------------------------------------------- main
@@ -355,7 +372,7 @@ def is_cnn_input(model):
 @restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = setup_distributed(pick_device(args.device))  # torchrun: one process per GPU (or CPU process)
+    device = setup_distributed(pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU (or CPU process)
     config = dict(vars(args))
     out = check_out_dir(args.out, config, args.force)  # another run's folder: refused before any work
 
@@ -387,9 +404,7 @@ def main(argv=None):
     lr_schedule = cosine_scheduler(peak_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
-    if args.compile:
-        student.compile_backbone(), teacher.compile_backbone()
-    fwd_student = wrap_ddp(student, device)  # torchrun: gradients averaged over the processes
+    fwd_student = wrap_and_compile(student, teacher, device, args.compile)
 
     def train_state():  # what a checkpoint holds besides the epoch
         return {"elapsed": elapsed, "student": student.state_dict(), "teacher": teacher.state_dict(),
@@ -404,7 +419,7 @@ def main(argv=None):
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # (written on any device)
         dino_loss.load_state_dict(ckpt["dino_loss"])
         elapsed = float(ckpt.get("elapsed", 0.0))
         start_epoch, partial = resume_point(out, ckpt)

@@ -19,14 +19,14 @@ import torch
 
 from common import (Interrupted, UserError, atomic_torch_save, atomic_write_json, atomic_write_text, load_error_reason,
                     seed_everything)
-from distributed import all_reduce_sum, barrier, is_main, world_size
+from distributed import all_gather_objects, all_reduce_sum, barrier, is_main, rank, world_size
 
 
 # ---------------------------------------------------------------- run folders
 
 # Flags that change how a run is executed, not what it computes: a resume may change them.
 RUNTIME_FLAGS = ("workers", "device", "force", "cache", "gpu_aug", "cache_dir", "compile", "monitor",
-                 "monitor_bank", "monitor_val")
+                 "monitor_bank", "monitor_val", "dist_timeout")
 
 
 def check_out_dir(out, config: dict, force: bool, ignore=RUNTIME_FLAGS) -> Path:
@@ -128,13 +128,40 @@ def load_checkpoint(out: Path):
     return None
 
 
+# Optimiser options that belong to the device a run is on, not to the one that wrote its checkpoint
+DEVICE_OPTIONS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict):
+    """opt.load_state_dict(saved) for a checkpoint another device may have written (a GPU run resumed
+    on the CPU, or a CPU run on a GPU): the options that depend on the device (fused, foreach,
+    capturable) stay those this run chose for its own, and every state tensor shaped like its
+    parameter (Adam's moments) takes the parameter's memory layout (a CNN's weights are channels_last
+    on CUDA, contiguous on the CPU): a fused kernel pairs the elements of a parameter and of its
+    moments by their places in memory, so moments in another layout would be mixed up."""
+    if len(saved.get("param_groups", [])) == len(opt.param_groups):
+        saved = dict(saved, param_groups=[dict(g, **{k: mine[k] for k in DEVICE_OPTIONS if k in mine})
+                                          for g, mine in zip(saved["param_groups"], opt.param_groups)])
+    opt.load_state_dict(saved)  # (moves the state to each parameter's device and dtype, keeping its strides)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # p's layout, the same values
+
+
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Reseed every RNG at the start of an epoch and return the data loader's generator.
 
     Each epoch then depends only on (seed, epoch) and the weights, so a run resumed at an
-    epoch boundary continues exactly the curve of an uninterrupted one."""
+    epoch boundary continues exactly the curve of an uninterrupted one. The loader's generator (the
+    data order; each image's augmentation is seeded from it) is the same on every process under
+    torchrun; the global generators (drop path, the collapse guard's noise) are seeded per process,
+    as official DINO's seed + rank, so the processes do not repeat each other's draws (rank 0 draws
+    as a single process does)."""
     s = seed * 100_003 + epoch
-    seed_everything(s)
+    seed_everything(s + 1_000_003 * rank())
     return torch.Generator().manual_seed(s)
 
 
@@ -207,9 +234,10 @@ def save_mid_epoch(out, state: dict, epoch: int, step: int, t0: float, sums: dic
     seconds spent since `t0`, every random generator's state, and `extra` values."""
     for t in _leaves(sums):
         all_reduce_sum(t)
+    rngs = all_gather_objects(rng_state())  # (torchrun: each process's own generators, resumed by each)
     save_checkpoint(out, {**state, "epoch": epoch - 1, "partial": {
-        "step": step + 1, "sums": _tree_map(sums, lambda t: t.cpu()), "rng": rng_state(),
-        "seconds": time.perf_counter() - t0, **extra}})
+        "step": step + 1, "sums": _tree_map(sums, lambda t: t.cpu()), "rng": rngs[0],
+        **({"rng_ranks": rngs} if len(rngs) > 1 else {}), "seconds": time.perf_counter() - t0, **extra}})
 
 
 def resume_point(out, ckpt: dict):
@@ -222,11 +250,15 @@ def resume_point(out, ckpt: dict):
 
 
 def resume_mid_epoch(partial: dict, device):
-    """Restore the random generators saved by save_mid_epoch; returns (the running sums on `device`
-    on rank 0 and {} on the other processes, so the epoch's final all-reduce counts them once,
-    the seconds already spent)."""
-    set_rng_state(partial["rng"])
-    return (_tree_map(partial["sums"], lambda t: t.to(device)) if is_main() else {}), partial["seconds"]
+    """Restore the random generators saved by save_mid_epoch; returns (the running sums on `device`:
+    the saved ones on rank 0 and zeros of the same shapes on the other processes, so the epoch's
+    final all-reduce counts them once and every process holds the same sums, even when the stop came
+    after the epoch's last step and no step is left to create them; the seconds already spent)."""
+    rngs = partial.get("rng_ranks")  # (torchrun: every process's; with another number of processes, rank 0's)
+    set_rng_state(rngs[rank()] if rngs and len(rngs) == world_size() else partial["rng"])
+    main = is_main()
+    sums = _tree_map(partial["sums"], lambda t: t.to(device) if main else torch.zeros_like(t, device=device))
+    return sums, partial["seconds"]
 
 
 def _leaves(tree):

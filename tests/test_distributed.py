@@ -155,3 +155,27 @@ def test_sigterm_under_torchrun_saves_once_and_the_rerun_ends_like_the_uninterru
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["loss"] for r in read_csv_log(tmp / "ddp" / "log.csv")] == \
         [r["loss"] for r in read_csv_log(tmp / "stopped" / "log.csv")]
+
+
+def test_torchrun_resumes_a_stop_after_the_last_step_of_an_epoch(runs):
+    """16 images at --bs 16: one step per epoch, so a SIGTERM before the first step of epoch 2 is
+    noted after that epoch's last step, and the checkpoint is of the middle of epoch 2 with no step
+    left. Every process must resume it with the same running sums (rank 0 with the saved ones,
+    the others with zeros), and the rerun ends with the weights and losses of an uninterrupted run."""
+    tmp, _ = runs
+    one_step = [*ARGS, "--limit-train", "16"]
+    torchrun("pretrain_cass.py", *one_step, "--out", "one_step", cwd=tmp)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1", TMPDIR=str(tmp))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HOOKS), str(ROOT / "pretrain_cass.py"), *one_step, "--out", "stopped_at_end"]
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "stopped: SIGTERM after epoch 2 step 1" in proc.stderr
+    ck = torch.load(tmp / "stopped_at_end" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 0 and ck["partial"]["step"] == 1  # the whole of epoch 2 done, not yet logged
+    torchrun("pretrain_cass.py", *one_step, "--out", "stopped_at_end", cwd=tmp)
+    for name in ("cnn_last", "vit_last", "cnn", "vit"):
+        a = load_file(tmp / "one_step" / f"{name}.safetensors")
+        b = load_file(tmp / "stopped_at_end" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in read_csv_log(tmp / "one_step" / "log.csv")] == \
+        [r["loss"] for r in read_csv_log(tmp / "stopped_at_end" / "log.csv")]
