@@ -278,6 +278,7 @@ def test_a_worker_that_dies_is_reported_with_its_run(tmp_path, sweeps, straight,
 RACER = r"""
 import hashlib, json, sys, time
 from pathlib import Path
+import copies as CP
 import datasets as D
 import decoded_cache as DC
 import synthetic as S
@@ -293,6 +294,7 @@ def counted(make):
     return slow_make
 
 D.make_split, DC._build_cache, S._generate = counted(D.make_split), counted(DC._build_cache), counted(S._generate)
+CP.find_copies = counted(CP.find_copies)
 table = D.load_table("folder", root)
 Path(log + f".ready{me}").touch()
 while not Path(log + ".ready0").exists() or not Path(log + ".ready1").exists():
@@ -308,8 +310,8 @@ print(json.dumps({"split": {k: v.tolist() for k, v in split.items()}, "pixels": 
 
 def test_two_processes_needing_the_same_split_cache_and_synthetic_data_make_each_once(tmp_path):
     """As two runs of run_all --jobs 2 (or two scripts started by hand) starting at once on a new data
-    set: one process makes the split file, the decoded-image cache and the synthetic data, the other
-    waits and reads them, complete."""
+    set: one process finds the copies and makes the split file, the decoded-image cache and the synthetic
+    data, the other waits and reads them, complete."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for i in range(40):
@@ -321,7 +323,7 @@ def test_two_processes_needing_the_same_split_cache_and_synthetic_data_make_each
                               stderr=subprocess.PIPE, text=True) for me in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    assert sorted(log.read_text().split()) == ["_build_cache", "_generate", "make_split"]  # each made once
+    assert sorted(log.read_text().split()) == ["_build_cache", "_generate", "find_copies", "make_split"]  # each once
     a, b = (json.loads(out) for out, _ in outs)
     assert a == b
     import datasets as D
