@@ -253,8 +253,9 @@ def main(argv=None):
             print(f"run_all.sh {prof.name}: {env} / {flag} {roots[prof.data]}: no such folder", file=sys.stderr)
             return 2
     if prof.data_roots_needed or prof.name == "paper":
+        used = {d for td in study(prof).values() for d in table_datasets(td)}  # the mode's data sets only
         for data, (env, flag, _) in DATA_ROOTS.items():
-            if prof.name.startswith("cpu") and data != (prof.data or "brain-mri"):
+            if data not in used:
                 continue
             print(f"  {data:11s} {roots.get(data, '(not set: ' + env + ' / ' + flag + ')')}")
     jobs = plan(prof, args.names, roots)
