@@ -1,4 +1,5 @@
-"""The modes of `bash run_all.sh` (quick, paper, cpu, cpu-options, cpu-weights): each one's default
+"""The modes of `bash run_all.sh` (quick, paper, cpu, cpu-options, cpu-weights, cpu-ham10000, cpu-pbc,
+cpu-pbc200): each one's default
 backbones, batch, epochs, seeds and the flags every run of the mode gets; and the names tables give
 to backbones, methods and label fractions. What each mode runs is in study.py."""
 
@@ -6,13 +7,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 
-# Paper-mode data sets: name -> (environment variable, flag, what it is)
+# Data sets read from a root (paper mode, and the CPU study of each real data set):
+# name -> (environment variable, flag, what it is)
 DATA_ROOTS = {
     "autoimmune": ("AUTOIMMUNE_CSV", "--autoimmune-csv", "CSV of image path + one 0/1 column per cell type"),
     "dermofit": ("DERMOFIT_ROOT", "--dermofit-root", "folder with one sub-folder per class"),
     "brain-mri": ("BRAIN_MRI_ROOT", "--brain-mri-root", "folder holding Training/ and Testing/"),
     "isic2019": ("ISIC_ROOT", "--isic-root", "folder holding ISIC_2019_Training_GroundTruth.csv and "
                  "ISIC_2019_Training_Input/"),
+    "ham10000": ("HAM10000_ROOT", "--ham10000-root", "folder holding HAM10000_metadata.csv and the images "
+                 "(HAM10000_images_part_1/ and _part_2/, or one folder)"),
+    "pbc": ("PBC_ROOT", "--pbc-root", "folder holding PBC_dataset_normal_DIB/ (or the 8 class folders)"),
 }
 
 
@@ -40,6 +45,12 @@ class Profile:
     ft_epochs_by_arch: tuple = ()  # ((arch, label fraction, epochs), ...): the same for one backbone
     class_weights: str = "minmax"  # finetune.py --class-weights of the mode's fine-tuning runs
     data_roots_needed: bool = False  # the mode reads real data sets (their roots must be given)
+    data: str = ""  # a CPU study of one real data set other than brain MRI (study.cpu_data_study): its --data
+    fracs: tuple = ()  # that study's label fractions
+    metric: str = "f1_macro"  # that study's headline metric (metrics.json key)
+    beside: str = ""  # a second metric shown beside the headline in its fine-tuning table
+    paper_table: str = ""  # paper_results.MAIN table shown as the nearest paper column ("": none)
+    title: str = ""  # the data set as the tables name it
 
     def ft_epochs(self, arch: str, frac: float):
         """Fine-tuning --epochs for `arch` at label fraction `frac` (None: the script's default)."""
@@ -125,7 +136,62 @@ CASS_OPTIONS = (("Paper recipe (Equation 1 on the logits)", {}),
 # supervised from random init at 10% labels (3 seeds); the min-max rows are the cpu mode's runs.
 CPU_WEIGHTS = replace(CPU, name="cpu-weights", runs_dir="runs/cpu", results_dir="results/cpu/class_weights")
 CLASS_WEIGHTS = (("min-max (paper)", "minmax"), ("inverse frequency", "inverse"), ("none", "none"))
-PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU, "cpu-options": CPU_OPTIONS, "cpu-weights": CPU_WEIGHTS}
+
+def _with_flag(args: tuple, flag: str, value: str) -> tuple:
+    """`args` with the value after `flag` replaced."""
+    i = args.index(flag)
+    return args[:i + 1] + (value,) + args[i + 2:]
+
+
+# The CPU studies of HAM10000 and PBC: the cpu mode's protocol (ResNet-18 + ViT-Ti/16, 64 px, random init,
+# batch 16, CASS and DINO with the cpu mode's DINO settings, min-max class weights, patience 5, the
+# frozen 20-NN and linear probes, the monitors, the pretraining time), each sized for about 2 hours on
+# a 2-core CPU (docs/run_all.md, "The HAM10000 and PBC studies", estimates until measured). Their
+# training sets are larger than brain MRI's 4,995 images (HAM10000 about 7,010, PBC about 11,964), and
+# cost grows with the images an epoch passes, so the cut is in the epochs: the full sets keep every
+# training image, every label fraction and every seed of the cpu mode, and get about the same number of
+# optimisation steps as the cpu mode instead of the same number of epochs (epochs scaled by
+# 4,995 / training images). Validation is still scored after every epoch and the test once, on the whole
+# (larger) splits; that part of the cost is what the fewer epochs buy back.
+#
+# HAM10000 (split by lesion, metadata CSV): 2 pretraining epochs (2 x 7,010 = 14,020 images, the cpu mode's
+# 3 x 4,995 = 14,985); fine-tuning 11 / 7 / 2 epochs at 1% / 10% / 100% (770 / 4,907 / 14,020 labelled
+# images passed, the cpu mode's 750 / 4,995 / 14,985); seeds as the cpu mode (3 / 3 / 2). Headline metric:
+# balanced accuracy (the ISIC challenge's and the paper's Table 5's), macro F1 beside it; the paper column
+# is Table 5 on ISIC 2019, a different (larger, 8-class) data set that contains HAM10000.
+CPU_HAM10000 = replace(
+    CPU, name="cpu-ham10000", epochs=2, ft_epochs_by_frac=((0.01, 11), (0.1, 7), (1.0, 2)),
+    data="ham10000", fracs=(0.01, 0.1, 1.0), metric="balanced_accuracy", beside="f1_macro", paper_table="table5",
+    title="HAM10000 (dermoscopy, 10,015 images of 7,470 lesions, 7 classes, split by lesion)")
+# PBC, all of it: 1 pretraining epoch on the ~11,964 training images (80% of the cpu mode's pretraining
+# steps; 2 epochs would add about 20 minutes of wall time over the budget), and DINO without a warm-up
+# epoch (with 1 epoch, --warmup-epochs 1 would make the whole run a warm-up; 0: a cosine from the peak);
+# fine-tuning 6 / 4 / 1 epochs at 1% / 10% / 100% (720 / 4,784 / 11,964 labelled images passed); seeds 3 / 3 / 2.
+# No paper column: the paper has no PBC results.
+CPU_PBC = replace(
+    CPU, name="cpu-pbc", epochs=1, ft_epochs_by_frac=((0.01, 6), (0.1, 4), (1.0, 1)),
+    dino_args=_with_flag(CPU.dino_args, "--warmup-epochs", "0"),
+    data="pbc", fracs=(0.01, 0.1, 1.0),
+    title="PBC (blood-cell microscopy, 17,092 images, 8 classes)")
+# PBC with a 200-image training subset (--train-size 200 in every pretraining, fine-tuning and probe
+# command: the size of the paper's Table 1 data, 198 images; validation (~1,709) and test (~3,419) stay
+# whole). Pretraining is cheap here, so it gets 50 epochs (10,000 images passed, two thirds of the cpu
+# mode's; the paper: 100 epochs on its 198 images) with a 5-epoch DINO warm-up (the official recipe's
+# tenth). Labels: 10% (20 images) and 100% only, as the paper on its 198 images (1% would be 2 images).
+# Fine-tuning 15 epochs at both (300 / 3,000 labelled images passed), 3 seeds at both (one more at 100%
+# than the cpu mode: small sets vary more). Scoring the whole validation split after every epoch is most
+# of a fine-tuning run's cost here, which is what keeps the epochs at 15. No paper column.
+PBC_TRAIN_SIZE = 200
+_SUBSET = ("--train-size", str(PBC_TRAIN_SIZE))
+CPU_PBC200 = replace(
+    CPU, name="cpu-pbc200", epochs=50, seeds_by_frac=(), ft_epochs_by_frac=((0.1, 15), (1.0, 15)),
+    cass_args=CPU.cass_args + _SUBSET,
+    dino_args=_with_flag(CPU.dino_args, "--warmup-epochs", "5") + _SUBSET,
+    ft_args=CPU.ft_args + _SUBSET,
+    data="pbc", fracs=(0.1, 1.0),
+    title=f"PBC (blood-cell microscopy, 8 classes), {PBC_TRAIN_SIZE}-image training subset")
+PROFILES = {"quick": QUICK, "paper": PAPER, "cpu": CPU, "cpu-options": CPU_OPTIONS, "cpu-weights": CPU_WEIGHTS,
+            "cpu-ham10000": CPU_HAM10000, "cpu-pbc": CPU_PBC, "cpu-pbc200": CPU_PBC200}
 
 # timm has no ImageNet weights for plain ResNet-200 (only resnet200d); the paper used random init.
 NO_IMAGENET = {"resnet200"}

@@ -174,7 +174,9 @@ def get_args(argv=None):
     p.add_argument("mode", choices=sorted(PROFILES),
                    help="quick: synthetic miniature on CPU; cpu: the brain-MRI study on real data on a CPU "
                         "(BRAIN_MRI_ROOT, under 2 hours on 2 cores); cpu-options: the options against collapse "
-                        "on that setting; cpu-weights: the focal loss's class weights on it; paper: the paper")
+                        "on that setting; cpu-weights: the focal loss's class weights on it; cpu-ham10000, cpu-pbc, "
+                        "cpu-pbc200: the same study on HAM10000 (HAM10000_ROOT), PBC and a 200-image PBC training "
+                        "subset (PBC_ROOT), each about 2 hours (estimated); paper: the paper")
     p.add_argument("tables", nargs="*",
                    help="paper mode: tables/figures to run (table1 ... table21, fig2, fig7 ... fig10; fig3, fig5 "
                         "and fig6 come with fig7); default all")
@@ -241,9 +243,19 @@ def main(argv=None):
         return prepare_data(*argv[1:])
     args, prof = get_args(argv)
     roots = roots_from(args)
+    if prof.data:  # a CPU study of one data set: nothing to run without it
+        env, flag, what = DATA_ROOTS[prof.data]
+        if prof.data not in roots:
+            print(f"run_all.sh {prof.name}: needs the {prof.data} data: set {env}=DIR or {flag} DIR ({what})",
+                  file=sys.stderr)
+            return 2
+        if not os.path.exists(roots[prof.data]):
+            print(f"run_all.sh {prof.name}: {env} / {flag} {roots[prof.data]}: no such folder", file=sys.stderr)
+            return 2
     if prof.data_roots_needed or prof.name == "paper":
+        used = {d for td in study(prof).values() for d in table_datasets(td)}  # the mode's data sets only
         for data, (env, flag, _) in DATA_ROOTS.items():
-            if prof.name.startswith("cpu") and data != "brain-mri":
+            if data not in used:
                 continue
             print(f"  {data:11s} {roots.get(data, '(not set: ' + env + ' / ' + flag + ')')}")
     jobs = plan(prof, args.names, roots)

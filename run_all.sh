@@ -3,13 +3,17 @@
 #
 #   bash run_all.sh quick                     # synthetic miniature on CPU (< 15 min on 2 cores)
 #   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh cpu   # the brain-MRI study on real data (CPU, < 2 h)
+#   HAM10000_ROOT=/data/ham10000 bash run_all.sh cpu-ham10000   # the same study on HAM10000 (about 2 h, estimated)
+#   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc                   # on PBC (about 2 h, estimated)
+#   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc200                # on a 200-image PBC training subset (about 2 h)
 #   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
 #   bash run_all.sh paper table1 table6 fig2  # only these
 #   bash run_all.sh paper --dry-run           # list the plan, run nothing (or DRY_RUN=1 bash run_all.sh ...)
 #
 # Data roots (paper mode): ISIC_ROOT, BRAIN_MRI_ROOT, DERMOFIT_ROOT, AUTOIMMUNE_CSV, or the flags
 # --isic-root, --brain-mri-root, --dermofit-root, --autoimmune-csv. Tables whose data is not given
-# are skipped with a message. Run the same command again to resume after an interruption.
+# are skipped with a message. The cpu-ham10000 / cpu-pbc / cpu-pbc200 modes need HAM10000_ROOT
+# (--ham10000-root) or PBC_ROOT (--pbc-root) and stop with one line without it. Run the same command again to resume after an interruption.
 # More options: bash run_all.sh --help
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

@@ -192,6 +192,8 @@ class TableDef:
     sources: list = field(default_factory=list)  # time: [(row, Cass, Dino cnn, Dino vit, paper)]
     maps_n: int = 30
     seeds: tuple = ()  # the table's own seeds, instead of the profile's
+    beside: str = ""  # a second metric in a column beside `metric` (F1 (macro) has micro F1 beside it anyway)
+    paper_label: str = ""  # what the paper column holds, when it is not this table's data set
 
     def seeds_of(self, prof: Profile, ft: "Finetune") -> tuple:
         seeds = self.seeds or prof.seeds_for(ft.data, ft.frac)
@@ -275,6 +277,8 @@ def _study(prof: Profile) -> dict:
         return cpu_options_study(prof)
     if prof.name == "cpu-weights":
         return cpu_weights_study(prof)
+    if prof.data:
+        return cpu_data_study(prof)
     P, t = prof, {}
     main = {"table1": "autoimmune", "table3": "dermofit", "table4": "brain-mri", "table5": "isic2019"}
     for name, data in main.items():
@@ -449,3 +453,49 @@ def cpu_weights_study(prof: Profile) -> dict:
                    title=f1.title.replace("F1 (macro)", "balanced accuracy"))
     return {"cpu_class_weights": f1, "cpu_class_weights_bacc": bacc}
 
+
+
+def cpu_data_study(prof: Profile) -> dict:
+    """The cpu mode's study on another real data set (prof.data: HAM10000, PBC, a PBC subset): the
+    fine-tuning grid at the profile's label fractions (with the nearest paper table beside, labelled as
+    such, when there is one), the frozen backbones' probes and the pretraining time, named after the mode."""
+    data, name, t = prof.data, prof.name.replace("-", "_"), {}
+    what = prof.title or data
+    metric = PR.METRIC_LABEL.get(prof.metric, prof.metric)
+    ours = (f"ours: {label(prof.cnn)} / {label(prof.vit)}, {CPU_IMG} px, random init, {prof.epochs} pretraining "
+            f"epoch{'s' if prof.epochs != 1 else ''}, CPU")
+    cells = main_cells(prof, data, prof.fracs, prof.paper_table or None)
+    if prof.paper_table:
+        spec = PR.MAIN[prof.paper_table]
+        paper_data = spec["title"].split(":")[0]
+        title = (f"{what}, fine-tuned: test {metric} ({ours}; paper column: its {prof.paper_table.replace('table', 'Table ')}"
+                 f" on {paper_data}, ANOTHER DATA SET, ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs)")
+        note = (f"The paper column is the paper's {prof.paper_table.replace('table', 'Table ')} ({spec['title']}), "
+                f"the nearest it has: a different data set (HAM10000 is a part of ISIC 2019's training images), "
+                "a different scale and init. It is shown for orientation, not as a number these runs should reach.")
+        paper_label = f"paper on {paper_data.split(' (')[0]}, another data set"
+    else:
+        title = f"{what}, fine-tuned: test {metric} ({ours})"
+        note = (f"No paper column: the paper has no results on {data.upper() if data == 'pbc' else data} "
+                "(its microscopy data, Table 1, is a private multi-label set of 198 biopsy images).")
+        paper_label = ""
+    t[name] = TableDef(name, title, data, prof.metric, "main", cells, note=note, beside=prof.beside,
+                       paper_label=paper_label)
+    frozen_metric = "accuracy" if prof.metric == "f1_macro" else prof.metric
+    frozen = TableDef(f"{name}_frozen", f"{what}, frozen pooled features with 100% of the labels: test "
+                      f"{PR.METRIC_LABEL.get(frozen_metric, frozen_metric)} of a cosine 20-NN vote and of a "
+                      "logistic-regression probe", data, frozen_metric, "main", frozen_cells(prof, data))
+    t[frozen.name] = frozen
+    t[f"{name}_frozen_f1"] = replace(frozen, name=f"{name}_frozen_f1", metric="f1_macro", title=frozen.title.replace(
+        f"test {PR.METRIC_LABEL.get(frozen_metric, frozen_metric)}", "test F1 (macro)"))
+    paper_time = PR.TABLE2.get("isic2019") if prof.paper_table == "table5" else None
+    t[f"{name}_time"] = TableDef(
+        f"{name}_time", f"Pretraining wall time, CASS vs DINO ({prof.epochs} epoch{'s' if prof.epochs != 1 else ''}, "
+        f"{what}, 2-core CPU)", "", "seconds", "time",
+        sources=[(data, default_cass(prof, data), default_dino(prof, data, prof.cnn),
+                  default_dino(prof, data, prof.vit), None)],
+        note=("The paper's nearest timing is ISIC 2019's (Table 2, another data set): CASS "
+              f"{paper_time['cass'] // 3600} h {paper_time['cass'] % 3600 // 60} min, DINO "
+              f"{paper_time['dino'] // 3600} h {paper_time['dino'] % 3600 // 60} min for 100 epochs."
+              if paper_time else ""))
+    return t

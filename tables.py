@@ -142,13 +142,15 @@ def build_cells_table(td, runs: Runs, quick: bool):
     header = ["Method (backbone)" if td.kind == "main" else "Setting"]
     with_paper = quick or any(c.paper is not None for c in td.cells)  # (the paper has no such table: ours only)
     micro = td.metric == "f1_macro"  # macro F1 is the headline; micro F1 (the authors' code's) beside it
+    beside = "" if micro else td.beside  # another metric beside the headline (balanced accuracy: macro F1)
     clean = test_leak(runs, td) is not None
     for col in cols:
         header += ([f"{col} macro F1 ours"] if micro else [f"{col} ours"]) + \
             ([f"{col} {'macro F1 ' if micro else ''}clean test"] if clean else []) + \
             ([f"{col} micro F1 ours"] if micro else []) + \
-            ([f"{col} paper ({'F1' if micro else 'as printed'})"] if with_paper else [])
-    width = 1 + clean + micro + with_paper
+            ([f"{col} {PR.METRIC_LABEL.get(beside, beside)} ours"] if beside else []) + \
+            ([f"{col} {td.paper_label or 'paper'} ({'F1' if micro else 'as printed'})"] if with_paper else [])
+    width = 1 + clean + micro + bool(beside) + with_paper
     md_rows, csv_rows, filled = [], [], 0
     for r in rows:
         line = [r]
@@ -160,9 +162,11 @@ def build_cells_table(td, runs: Runs, quick: bool):
             stat, unfinished = runs.cell(c.ft, td.metric)
             micro_stat = runs.cell(c.ft, "f1_micro")[0] if micro else None
             clean_stat = runs.cell(c.ft, f"{td.metric}_clean")[0]
+            beside_stat = runs.cell(c.ft, beside)[0] if beside else None
             filled += stat is not None
             line += [fmt_stat(stat, unfinished)] + ([fmt_stat(clean_stat, unfinished)] if clean else []) + \
                 ([fmt_stat(micro_stat, unfinished)] if micro else []) + \
+                ([fmt_stat(beside_stat, unfinished)] if beside else []) + \
                 ([fmt_paper(c.paper, quick)] if with_paper else [])
             mean, std, n = stat if stat else (None, None, 0)
             micro_mean, micro_std, _ = micro_stat if micro_stat else (None, None, 0)
@@ -171,11 +175,14 @@ def build_cells_table(td, runs: Runs, quick: bool):
                              _num(mean), _num(std), n, unfinished, _num(micro_mean), _num(micro_std),
                              "" if quick or c.paper is None else _num(c.paper[0]),
                              "" if quick or c.paper is None else _num(c.paper[1]),
-                             _num(clean_mean), _num(clean_std), clean_n])
+                             _num(clean_mean), _num(clean_std), clean_n] +
+                            ([_num(beside_stat[0] if beside_stat else None),
+                              _num(beside_stat[1] if beside_stat else None)] if beside else []))
         md_rows.append(line)
     csv_header = ["table", "data", "metric", "row", "column", "method", "arch", "label_frac", "ours_mean",
                   "ours_std", "ours_n", "ours_unfinished", "ours_f1_micro_mean", "ours_f1_micro_std", "paper_mean",
-                  "paper_spread", "ours_clean_mean", "ours_clean_std", "ours_clean_n"]
+                  "paper_spread", "ours_clean_mean", "ours_clean_std", "ours_clean_n"] + \
+        ([f"ours_{beside}_mean", f"ours_{beside}_std"] if beside else [])
     return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
 
 
@@ -391,6 +398,18 @@ def titled(td) -> str:
     return td.title if "accuracy" in td.title and "accuracy" in label else f"{td.title}: test {label}"
 
 
+def cpu_data_banner(prof) -> str:
+    """The head of tables.md for the CPU study of a data set other than brain MRI (profiles.py)."""
+    paper = (f"The paper columns are its {prof.paper_table.replace('table', 'Table ')} on "
+             f"{PR.MAIN[prof.paper_table]['title'].split(' (')[0]}, ANOTHER DATA SET (and ResNet-50 / ViT-B/16, "
+             "384 px, ImageNet init, 100 epochs, an RTX 8000): the nearest the paper has, shown for orientation, "
+             "not as a target these runs should reach." if prof.paper_table else
+             "The paper has no results on this data set: no paper columns.")
+    return (f"**Real data: {prof.title or prof.data}, CPU scale.** {P.label(prof.cnn)} and {P.label(prof.vit)} "
+            f"at {S.CPU_IMG} px from random init, {prof.epochs} pretraining epoch{'s' if prof.epochs != 1 else ''} "
+            f"and short fine-tuning on a 2-core CPU (docs/run_all.md, mode {prof.name}). {paper}\n\n")
+
+
 def build_all(mode: str, runs_dir, out_dir, prof=None):
     """Write every table of `mode` into out_dir; returns {name: (filled, total)}."""
     prof = prof or P.PROFILES[mode]
@@ -426,14 +445,18 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
                 head += ("Micro F1 (what the authors' code computed) beside it; the paper says only \"F1\". Macro F1 "
                          "weighs every class alike, so a model that ignores a rare class scores low; micro F1 equals "
                          "accuracy on single-label data and follows the frequent classes. ")
+            if td.beside and td.metric != "f1_macro":
+                head += f"{PR.METRIC_LABEL.get(td.beside, td.beside)} beside it. "
             head += ("Paper column: n/a (the paper has no synthetic data).\n\n" if quick else
-                     "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1).\n\n"
+                     "Paper column: as printed in the paper (its ± is described as a variance, Appendix C.5.1)"
+                     + (f"; {td.paper_label}" if td.paper_label else "") + ".\n\n"
                      if any(c.paper is not None for c in td.cells) else "The paper reports no such evaluation.\n\n")
         elif td.kind == "time":
             head += ("Sum of the per-epoch `seconds` in log.csv (mean over finished pretraining seeds); DINO = its "
                      "CNN run + its Transformer run, as the paper's Table 2. " +
-                     ("Paper: n/a.\n\n" if quick else f"Paper: {PR.TABLE2_NOTE}; ours: whatever hardware ran "
-                      "them.\n\n"))
+                     ("Paper: n/a.\n\n" if quick else
+                      "Paper: none on this data set (its columns are —).\n\n" if all(src[4] is None for src in td.sources)
+                      else f"Paper: {PR.TABLE2_NOTE}; ours: whatever hardware ran them.\n\n"))
         if td.note:
             head += td.note + "\n\n"
         leak = test_leak(runs, td) if td.kind not in ("time", "figure2", "options") else None
@@ -472,7 +495,8 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         "epochs and short fine-tuning on a 2-core CPU (README, 'The real-data CPU study'). The paper columns are "
         "its Table 4 and Table 2 (ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 epochs, an RTX 8000): another "
         "scale and init, shown for orientation, not as a target these runs should reach.\n\n"
-        if mode.startswith("cpu") else
+        if mode.startswith("cpu") and not prof.data else
+        cpu_data_banner(prof) if prof.data else
         "Our runs on the paper's data sets beside the numbers the paper prints. \"—\" marks cells with no finished "
         "run.\n\n") + f"Generated by `python tables.py --mode {mode}` from `{runs_dir}`.\n\n")
     atomic_write_text(out_dir / "tables.md", banner + "\n".join(sections))

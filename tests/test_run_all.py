@@ -11,13 +11,15 @@ from pathlib import Path
 import job_runner as JR
 import profiles as P
 import run_all as RA
+import paper_results as P_R
 import study as S
 from conftest import ROOT
 
 
 def run_all(*args, env_extra=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if k not in ("ISIC_ROOT", "BRAIN_MRI_ROOT", "DERMOFIT_ROOT",
-                                                           "AUTOIMMUNE_CSV", "DRY_RUN")}
+                                                           "AUTOIMMUNE_CSV", "HAM10000_ROOT", "PBC_ROOT",
+                                                           "DRY_RUN")}
     env.update(env_extra or {})
     return subprocess.run(["bash", str(ROOT / "run_all.sh"), *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -285,3 +287,87 @@ def test_cpu_weights_mode_adds_the_other_class_weights_beside_the_cpu_runs(tmp_p
     keys = {S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random", class_weights=cw).key()
             for _, cw in P.CLASS_WEIGHTS}
     assert len(keys) == 3 and S.Finetune("brain-mri", "resnet18", 0.1, None, None, "random").key() in keys
+
+
+# ---------------------------------------------------------------- the CPU studies of HAM10000 and PBC
+
+DATA_MODES = (("cpu-ham10000", "ham10000", "HAM10000_ROOT", "--ham10000-root"),
+              ("cpu-pbc", "pbc", "PBC_ROOT", "--pbc-root"),
+              ("cpu-pbc200", "pbc", "PBC_ROOT", "--pbc-root"))
+
+
+@pytest.mark.parametrize("mode,data,env,flag", DATA_MODES)
+def test_data_cpu_modes_need_their_data_root(tmp_path, mode, data, env, flag):
+    """Without its data root (or with one that does not exist) a data set's CPU mode stops with one line
+    naming the environment variable and the flag, and plans nothing."""
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and env in proc.stderr and flag in proc.stderr, proc.stderr
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={env: str(tmp_path / "nowhere")})
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def data_mode_plan(tmp_path, mode, env):
+    root = tmp_path / "data"
+    root.mkdir()
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={env: str(root)})
+    assert proc.returncode == 0, proc.stderr
+    todo = todo_lines(proc.stdout)
+    ft = [ln for ln in todo if "finetune.py" in ln and "--eval" not in ln]
+    probes = [ln for ln in todo if "--eval" in ln]
+    pre = [ln for ln in todo if "pretrain_" in ln]
+    assert f"tables.py --mode {mode} " in proc.stdout
+    return root, todo, ft, probes, pre
+
+
+def assert_fracs(ft, plan):
+    """plan: (label fraction, fine-tuning epochs, seeds) for each of the 3 methods x 2 backbones."""
+    assert len(ft) == 6 * sum(seeds for _, _, seeds in plan)
+    for frac, epochs, seeds in plan:
+        lines = [ln for ln in ft if f"--label-frac {frac} " in ln]
+        assert len(lines) == 6 * seeds and all(f"--epochs {epochs}" in ln.split("--out ")[1] for ln in lines)
+        for s in range(seeds):
+            assert sum(f"--seed {s} " in ln for ln in lines) == 6
+
+
+def test_cpu_ham10000_mode_plans_the_study_on_all_of_ham10000(tmp_path):
+    root, todo, ft, probes, pre = data_mode_plan(tmp_path, "cpu-ham10000", "HAM10000_ROOT")
+    assert len(todo) == 3 + 48 + 12 and len(probes) == 12 and len(pre) == 3
+    assert all(f"--data ham10000 --data-root {root} " in ln for ln in todo)
+    assert not any("--train-size" in ln for ln in todo)
+    assert all("--bs 16 --epochs 2 --init random" in ln and "--img-size 64" in ln for ln in pre)
+    assert all("--warmup-epochs 1 " in ln for ln in pre if "pretrain_dino.py" in ln)
+    assert_fracs(ft, ((0.01, 11, 3), (0.1, 7, 3), (1, 2, 2)))
+    assert all("--label-frac 1 --seed 0 --eval" in ln and "--epochs" not in ln for ln in probes)
+    # the headline is balanced accuracy (the paper's ISIC metric), macro F1 beside, Table 5 as the paper column
+    td = S.study(P.PROFILES["cpu-ham10000"])["cpu_ham10000"]
+    assert td.metric == "balanced_accuracy" and td.beside == "f1_macro" and "another data set" in td.paper_label
+    for c in td.cells:
+        arm = "cnn" if c.ft.arch == P.CPU.cnn else "vit"
+        assert c.paper is not None and c.paper == P_R.main_cell("table5", c.ft.method, arm, c.ft.frac)
+
+
+def test_cpu_pbc_mode_plans_the_study_on_all_of_pbc(tmp_path):
+    root, todo, ft, probes, pre = data_mode_plan(tmp_path, "cpu-pbc", "PBC_ROOT")
+    assert len(todo) == 3 + 48 + 12 and len(probes) == 12
+    assert all(f"--data pbc --data-root {root} " in ln for ln in todo)
+    assert not any("--train-size" in ln for ln in todo)
+    assert all("--bs 16 --epochs 1 --init random" in ln for ln in pre)
+    assert all("--warmup-epochs 0 " in ln for ln in pre if "pretrain_dino.py" in ln)
+    assert_fracs(ft, ((0.01, 6, 3), (0.1, 4, 3), (1, 1, 2)))
+    td = S.study(P.PROFILES["cpu-pbc"])["cpu_pbc"]
+    assert td.metric == "f1_macro" and all(c.paper is None for c in td.cells)  # the paper has no PBC results
+
+
+def test_cpu_pbc200_mode_passes_the_training_subset_to_every_command(tmp_path):
+    root, todo, ft, probes, pre = data_mode_plan(tmp_path, "cpu-pbc200", "PBC_ROOT")
+    # 1 CASS + 2 DINO; 3 methods x 2 backbones x (3 seeds at 10% + 3 at 100%); 12 probes
+    assert len(todo) == 3 + 36 + 12 and len(probes) == 12
+    assert all(ln.split().count("--train-size") == 1 and "--train-size 200" in ln for ln in todo)
+    assert all(f"--data pbc --data-root {root} " in ln for ln in todo)
+    assert all("--bs 16 --epochs 50 --init random" in ln for ln in pre)
+    assert all("--warmup-epochs 5 " in ln for ln in pre if "pretrain_dino.py" in ln)
+    assert not any("--label-frac 0.01 " in ln for ln in todo)  # 1% of 200 images: 2 images
+    assert_fracs(ft, ((0.1, 15, 3), (1, 15, 3)))
+    assert P.PROFILES["cpu-pbc200"].runs != P.PROFILES["cpu-pbc"].runs  # no clash with the full set's runs

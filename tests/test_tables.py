@@ -387,3 +387,39 @@ def test_a_leaking_test_gets_the_clean_column_beside_the_full_one(tmp_path):
     with open(out / "cpu_brain_mri.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%"]
     assert float(rows[0]["ours_clean_mean"]) == pytest.approx(0.71) and rows[0]["ours_clean_n"] == "2"
+
+
+def test_cpu_data_tables_name_their_data_set(tmp_path):
+    """The CPU studies of HAM10000 and PBC: the banner and every title name the data set (never brain MRI);
+    HAM10000's headline is balanced accuracy with macro F1 beside it and the paper's Table 5 (ISIC 2019)
+    labelled as another data set; PBC has no paper column."""
+    runs = tmp_path / "runs" / "cpu-ham10000"
+    ham = runs / "ham10000"
+    for seed, (f1, bacc) in enumerate(((0.30, 0.40), (0.34, 0.44))):
+        write_run(ham / "ft" / f"sup{seed}", ft_config("ham10000", "resnet18", 0.1, seed), metrics(f1, bacc))
+    out = tmp_path / "ham"
+    tables.build_all("cpu-ham10000", runs, out)
+    md = (out / "tables.md").read_text()
+    assert "HAM10000" in md.split("\n## ")[0] and "brain" not in md.lower()
+    assert "ANOTHER DATA SET" in md.split("\n## ")[0]
+    main = (out / "cpu_ham10000.md").read_text()
+    header = next(ln for ln in main.splitlines() if ln.startswith("| Method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[4:7] == ["10% ours", "10% F1 (macro) ours", "10% paper on ISIC 2019, another data set (as printed)"]
+    row = read_md_row(main, "Supervised (ResNet-18)")
+    assert row[4:7] == ["0.4200 ± 0.0283 (n=2)", "0.3200 ± 0.0283 (n=2)", "0.3070 ± 0.0121"]
+    assert "test balanced accuracy" in main.splitlines()[0] and "ISIC 2019" in main.splitlines()[0]
+    assert "balanced accuracy" in (out / "cpu_ham10000_frozen.md").read_text().splitlines()[0]
+    with open(out / "cpu_ham10000.csv", newline="") as f:
+        rec = next(r for r in csv.DictReader(f) if r["row"] == "Supervised (ResNet-18)" and r["column"] == "10%")
+    assert math.isclose(float(rec["ours_mean"]), 0.42) and math.isclose(float(rec["ours_f1_macro_mean"]), 0.32)
+    for mode, name in (("cpu-pbc", "cpu_pbc"), ("cpu-pbc200", "cpu_pbc200")):
+        out = tmp_path / mode
+        tables.build_all(mode, tmp_path / "runs" / mode, out)
+        md = (out / "tables.md").read_text()
+        assert "Real data: PBC" in md and "no paper columns" in md and "brain" not in md.lower()
+        assert ("200-image training subset" in md) == (mode == "cpu-pbc200")
+        for table in (name, f"{name}_frozen", f"{name}_frozen_f1", f"{name}_time"):
+            assert "PBC" in (out / f"{table}.md").read_text().splitlines()[0], table
+        assert "paper" not in next(ln for ln in (out / f"{name}.md").read_text().splitlines()
+                                   if ln.startswith("| Method"))
