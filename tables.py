@@ -355,8 +355,12 @@ def build_options_table(td, runs: Runs):
     frozen probes (test accuracy), 1% / 10% fine-tuning (test F1 macro) and the pretraining seconds per
     epoch. Returns (markdown, csv, filled cells, total cells)."""
     grid = {(c.row, c.col): c for c in td.cells}
-    header = ["Option", "Arm", "Output spread / even (last epoch)", "Effective rank", "Online 20-NN",
-              "Frozen 20-NN accuracy", "Linear probe accuracy", "1% F1 (macro)", "10% F1 (macro)",
+    cols = (("knn", "accuracy"), ("linear", "accuracy"), ("1%", "f1_macro"), ("10%", "f1_macro"))
+    names = ["Frozen 20-NN accuracy", "Linear probe accuracy", "1% F1 (macro)", "10% F1 (macro)"]
+    if test_leak(runs, td):  # the same four on the clean test, beside them
+        cols += tuple((f"{c} clean", f"{m}_clean") for c, m in cols)
+        names += [f"{n}, clean test" for n in names]
+    header = ["Option", "Arm", "Output spread / even (last epoch)", "Effective rank", "Online 20-NN", *names,
               "Pretraining s / epoch", "Collapse warning"]
     md_rows, csv_rows, filled = [], [], 0
     for row, cass in td.sources:
@@ -367,23 +371,24 @@ def build_options_table(td, runs: Runs):
         warned = next((f"epoch {int(r['epoch']) + 1}" for r in log if r.get("collapse")), "none") if log else DASH
         for arm in ("cnn", "vit"):
             stats = {}
-            for col, metric in (("knn", "accuracy"), ("linear", "accuracy"), ("1%", "f1_macro"), ("10%", "f1_macro")):
-                stat, unfinished = runs.cell(grid[(row, f"{arm} {col}")].ft, metric)
-                filled += stat is not None
+            for col, metric in cols:
+                stat, unfinished = runs.cell(grid[(row, f"{arm} {col.replace(' clean', '')}")].ft, metric)
+                filled += stat is not None and not col.endswith("clean")
                 stats[col] = (stat, unfinished)
+            keys = [c for c, _ in cols]
             md_rows.append([row, P.label(cass.arch(arm)), _f(last.get(f"{arm}_std_frac"), 4),
                             _f(last.get(f"{arm}_rank"), 1), _f(last.get(f"{arm}_knn")),
-                            *(fmt_stat(*stats[c]) for c in ("knn", "linear", "1%", "10%")),
-                            fmt_seconds(per_epoch), warned])
+                            *(fmt_stat(*stats[c]) for c in keys), fmt_seconds(per_epoch), warned])
             csv_rows.append([td.name, row, arm, last.get(f"{arm}_std_frac", ""), last.get(f"{arm}_rank", ""),
                              last.get(f"{arm}_knn", ""),
-                             *(_num(stats[c][0][0]) if stats[c][0] else "" for c in ("knn", "linear", "1%", "10%")),
-                             *(_num(stats[c][0][1]) if stats[c][0] else "" for c in ("knn", "linear", "1%", "10%")),
-                             *(stats[c][0][2] if stats[c][0] else 0 for c in ("knn", "linear", "1%", "10%")),
+                             *(_num(stats[c][0][0]) if stats[c][0] else "" for c in keys),
+                             *(_num(stats[c][0][1]) if stats[c][0] else "" for c in keys),
+                             *(stats[c][0][2] if stats[c][0] else 0 for c in keys),
                              _num(per_epoch), warned])
-    csv_header = ["table", "option", "arm", "out_std_frac_last", "rank_last", "online_knn_last", "knn_acc_mean",
-                  "linear_acc_mean", "f1_1pct_mean", "f1_10pct_mean", "knn_acc_std", "linear_acc_std",
-                  "f1_1pct_std", "f1_10pct_std", "knn_n", "linear_n", "f1_1pct_n", "f1_10pct_n",
+    base = ["knn_acc", "linear_acc", "f1_1pct", "f1_10pct"]
+    base += [f"{b}_clean" for b in base][:len(cols) - 4]
+    csv_header = ["table", "option", "arm", "out_std_frac_last", "rank_last", "online_knn_last",
+                  *(f"{b}_mean" for b in base), *(f"{b}_std" for b in base), *(f"{b}_n" for b in base),
                   "pretrain_seconds_per_epoch", "collapse_warning"]
     return markdown_table(header, md_rows), to_csv(csv_header, csv_rows), filled, len(td.cells)
 

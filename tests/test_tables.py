@@ -316,6 +316,31 @@ def test_options_table_reads_option_runs_by_their_flags(tmp_path):
     assert "— (no run)" in paper  # the predictor's runs never land in the paper recipe's row
 
 
+def test_options_table_puts_the_clean_test_beside_the_full_one_when_it_leaks(tmp_path):
+    runs = tmp_path / "runs"
+    mri = runs / "brain-mri"
+    pred = write_run(mri / "cass" / "p", cass_config("brain-mri", bs=16, epochs=3, predictor=True),
+                     files=("cnn.safetensors", "vit.safetensors"))
+    (pred / "log.csv").write_text("epoch,loss,seconds\n0,0.5,100\n")
+    w = str(pred / "vit.safetensors")
+    leak = {"n_test": 100, "n_test_clean": 60}
+    write_run(mri / "ft" / "p0", ft_config("brain-mri", "vit_tiny_patch16_224", 0.1, 0, weights=w),
+              {**metrics(0.5), "f1_macro_clean": 0.3, **leak})
+    write_run(mri / "ft" / "pk", {**ft_config("brain-mri", "vit_tiny_patch16_224", 1.0, 0, weights=w), "eval": "knn"},
+              {**metrics(0.4), "accuracy": 0.45, "accuracy_clean": 0.25, **leak})
+    out = tmp_path / "res"
+    tables.build_all("cpu-options", runs, out, prof=replace(P.CPU_OPTIONS, epochs=3))
+    md = (out / "cpu_options.md").read_text()
+    assert "| 10% F1 (macro) | Frozen 20-NN accuracy, clean test |" in md
+    vit = next(ln for ln in md.splitlines() if ln.startswith("| --predictor | ViT-Ti/16"))
+    cells = [c.strip() for c in vit.strip("|").split("|")]
+    assert cells[5] == "0.4500 (n=1)" and cells[8] == "0.5000 (n=1)"
+    assert cells[9] == "0.2500 (n=1)" and cells[12] == "0.3000 (n=1)"
+    with open(out / "cpu_options.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["option"] == "--predictor" and r["arm"] == "vit")
+    assert float(row["knn_acc_clean_mean"]) == pytest.approx(0.25) and row["f1_10pct_clean_n"] == "1"
+
+
 def test_class_weight_runs_land_in_their_own_rows(tmp_path):
     runs = tmp_path / "runs" / "cpu"
     ft = runs / "brain-mri" / "finetune"
