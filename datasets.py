@@ -246,12 +246,13 @@ def stratified_partition(strata: np.ndarray, fractions, seed: int, groups=None):
     return [np.sort(np.flatnonzero(np.isin(unit_of, p))) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
-def make_split(table: ImageTable, seed: int, groups=None) -> dict:
+def make_split(table: ImageTable, seed: int, groups=None, resplit: bool = False) -> dict:
     """Row indices of train/val/test: stratified 70/10/20, or the curator's split where the data set
     has one (validation then carved from the curator's training part, 1/8 of it to keep 70:10).
     `groups` (a group id per row: copies.split_groups) keeps each group in one part wherever the
-    split is ours; the curator's own train/test boundary is kept as it is."""
-    cur = table.curator_split
+    split is ours; the curator's own train/test boundary is kept as it is, unless `resplit` (all images
+    pooled and split by us)."""
+    cur = None if resplit else table.curator_split
     if cur and "val" in cur:
         return {k: np.asarray(cur[k]) for k in ("train", "val", "test")}
     if cur:
@@ -264,8 +265,8 @@ def make_split(table: ImageTable, seed: int, groups=None) -> dict:
     return {"train": tr, "val": va, "test": te}
 
 
-def default_split_file(table: ImageTable, seed: int) -> Path:
-    return Path("runs") / "splits" / f"{table.name}-{table.fingerprint()}-seed{seed}.json"
+def default_split_file(table: ImageTable, seed: int, resplit: bool = False) -> Path:
+    return Path("runs") / "splits" / f"{table.name}-{table.fingerprint()}-seed{seed}{'-resplit' if resplit else ''}.json"
 
 
 def train_subset(table: ImageTable, train_rows: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -285,12 +286,17 @@ def train_subset(table: ImageTable, train_rows: np.ndarray, n: int, seed: int) -
     return np.sort(np.concatenate(picked))
 
 
-def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None) -> dict:
+def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None,
+              resplit: bool = False) -> dict:
     """The split of get_full_split; with `train_size`, its training part replaced by a stratified subset of
     that many images, drawn once and saved beside the split file as <split>-train<N>.json (validation and
-    test stay whole)."""
-    path = Path(split_file) if split_file else default_split_file(table, seed)
-    split = get_full_split(table, path, seed)
+    test stay whole). `resplit`: ignore the curator's split and split all images ourselves (its own
+    default file, <...>-resplit.json)."""
+    if resplit and not table.curator_split:
+        raise UserError(f"--resplit: --data {table.name} has no curator's split to set aside (our splits already "
+                        "keep copies together)")
+    path = Path(split_file) if split_file else default_split_file(table, seed, resplit)
+    split = get_full_split(table, path, seed, resplit)
     if train_size is None:
         return split
     sub = path.with_name(f"{path.stem}-train{train_size}.json")
@@ -313,7 +319,7 @@ def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: in
     return {**split, "train": rows}
 
 
-def get_full_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
+def get_full_split(table: ImageTable, split_file=None, seed: int = 77, resplit: bool = False) -> dict:
     """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}.
 
     The copies in the data set (copies.py) are found first and saved beside the split file
@@ -332,7 +338,7 @@ def get_full_split(table: ImageTable, split_file=None, seed: int = 77) -> dict:
         with file_lock(path):  # another process making the same split: wait, then read its files
             copies = ensure_copies(cpath, table, progress=is_main())
             if not path.exists():
-                split = make_split(table, seed, split_groups(table, copies))
+                split = make_split(table, seed, split_groups(table, copies), resplit)
                 atomic_write_json(path, {"data": table.name, "root": table.root, "split_seed": seed,
                                          "fingerprint": table.fingerprint(),
                                          **{k: [table.ids[r] for r in v] for k, v in split.items()}})
@@ -385,7 +391,8 @@ def load_data(args, cache_size=None, cache_part=None):
     (see write_skipped). With --no-cache and no --skip-bad-images, a bad file stops the run when the
     loader meets it."""
     table = load_table(args.data, args.data_root, args.cache_dir, getattr(args, "group_col", None))
-    split = get_split(table, args.split_file, args.split_seed, getattr(args, "train_size", None))
+    split = get_split(table, args.split_file, args.split_seed, getattr(args, "train_size", None),
+                      getattr(args, "resplit", False))
     skip = bool(getattr(args, "skip_bad_images", False))
     bad = []
     if table.array is None:

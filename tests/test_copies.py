@@ -320,3 +320,18 @@ def test_train_size_reaches_finetune_and_its_label_fraction(tmp_path, monkeypatc
              "--out", "ft"])
     labelled = json.loads((tmp_path / "ft" / "labelled_ids.json").read_text())
     assert labelled["n_train"] == 20 and labelled["n_labelled"] == 10
+
+
+def test_resplit_pools_the_curators_parts_and_keeps_copies_together(tmp_path):
+    brain_mri_with_leaks(tmp_path / "mri")
+    table = D.load_table("brain-mri", tmp_path / "mri")
+    curator = D.get_split(table, tmp_path / "curator.json", 77)
+    assert CP.leaks(curator, table, table.extra["copies"])["test"]["near"] == 3
+    ours = D.get_split(table, tmp_path / "ours.json", 77, resplit=True)
+    assert CP.leaks(ours, table, table.extra["copies"]) == {"val": {"exact": 0, "near": 0},
+                                                           "test": {"exact": 0, "near": 0}}
+    assert any(table.ids[r].startswith("Training") for r in ours["test"])  # the parts are pooled
+    assert sum(len(v) for v in ours.values()) == len(table)
+    assert D.default_split_file(table, 77, True).name.endswith("-seed77-resplit.json")
+    with pytest.raises(D.UserError, match="--resplit: --data folder has no curator's split"):
+        D.get_split(table_of(planted_folder(tmp_path / "f")), tmp_path / "f.json", 77, resplit=True)

@@ -371,3 +371,12 @@ def test_cpu_pbc200_mode_passes_the_training_subset_to_every_command(tmp_path):
     assert not any("--label-frac 0.01 " in ln for ln in todo)  # 1% of 200 images: 2 images
     assert_fracs(ft, ((0.1, 15, 3), (1, 15, 3)))
     assert P.PROFILES["cpu-pbc200"].runs != P.PROFILES["cpu-pbc"].runs  # no clash with the full set's runs
+
+
+def test_cpu_resplit_mode_passes_resplit_to_every_command(tmp_path):
+    root, todo, ft, probes, pre = data_mode_plan(tmp_path, "cpu-resplit", "BRAIN_MRI_ROOT")
+    assert len(todo) == 3 + 48 + 12 and len(probes) == 12  # the cpu mode's plan
+    assert all(ln.split().count("--resplit") == 1 for ln in todo)
+    assert all(f"--data brain-mri --data-root {root} " in ln for ln in todo)
+    assert_fracs(ft, ((0.01, 15, 3), (0.1, 10, 3), (1, 3, 2)))
+    assert P.PROFILES["cpu-resplit"].runs != P.PROFILES["cpu"].runs  # its own runs: another split
