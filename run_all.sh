@@ -6,6 +6,11 @@
 #   HAM10000_ROOT=/data/ham10000 bash run_all.sh cpu-ham10000   # the same study on HAM10000 (about 2 h, estimated)
 #   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc                   # on PBC (about 2 h, estimated)
 #   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc200                # on a 200-image PBC training subset (about 2 h)
+#   PBC_ROOT=/data/pbc bash run_all.sh claim5-small-data         # the claims ledger (results/claims.md): claims
+#   PBC_ROOT=/data/pbc bash run_all.sh claim3-batch              #   3-6 on the 200-image PBC subset, sharing
+#   PBC_ROOT=/data/pbc bash run_all.sh claim4-epochs             #   runs/claims-pbc200 (about 1.5-2.2 h each after
+#   PBC_ROOT=/data/pbc bash run_all.sh claim6-ablations          #   claim5, estimated; docs/run_all.md)
+#   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh claim3-batch-mri  # claim 3 on brain MRI as Table 6 (~1.4 h)
 #   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
 #   bash run_all.sh paper table1 table6 fig2  # only these
 #   bash run_all.sh paper --dry-run           # list the plan, run nothing (or DRY_RUN=1 bash run_all.sh ...)
@@ -23,9 +28,9 @@ if [[ -z "$PY" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 
-# The quick and cpu modes need no download (random init): never wait for the network.
+# The quick, cpu and claim modes need no download (random init): never wait for the network.
 # The paper mode starts from ImageNet weights, fetched from the Hugging Face hub or its cache.
-if [[ "${1:-}" == "quick" || "${1:-}" == cpu* ]]; then
+if [[ "${1:-}" == "quick" || "${1:-}" == cpu* || "${1:-}" == claim* ]]; then
     export HF_HUB_OFFLINE=1
 fi
 

@@ -380,3 +380,127 @@ def test_cpu_resplit_mode_passes_resplit_to_every_command(tmp_path):
     assert all(f"--data brain-mri --data-root {root} " in ln for ln in todo)
     assert_fracs(ft, ((0.01, 15, 3), (0.1, 10, 3), (1, 3, 2)))
     assert P.PROFILES["cpu-resplit"].runs != P.PROFILES["cpu"].runs  # its own runs: another split
+
+
+# ---------------------------------------------------------------- the claim modes (results/claims.md)
+
+CLAIM_PBC_MODES = ("claim3-batch", "claim4-epochs", "claim5-small-data", "claim6-ablations")
+
+
+@pytest.mark.parametrize("mode,env", [(m, "PBC_ROOT") for m in CLAIM_PBC_MODES] + [("claim3-batch-mri", "BRAIN_MRI_ROOT")])
+def test_claim_modes_need_their_data_root(tmp_path, mode, env):
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs")
+    assert proc.returncode == 2 and proc.stdout == "" and env in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def claim_plan(tmp_path, mode, env="PBC_ROOT"):
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={env: str(root)})
+    assert proc.returncode == 0, proc.stderr
+    todo = todo_lines(proc.stdout)
+    assert f"tables.py --mode {mode} " in proc.stdout and f"--out results/claims/{mode}" in proc.stdout
+    return (root, todo, [ln for ln in todo if "finetune.py" in ln], [ln for ln in todo if "pretrain_cass.py" in ln],
+            [ln for ln in todo if "pretrain_dino.py" in ln])
+
+
+def assert_claim_pbc_protocol(root, todo, ft, dino):
+    """Every command on the 200-image subset; fine-tuning to convergence (up to 50 epochs, patience 5) with 100% of the
+    labels, 3 seeds, no probes; DINO with the official 10 warm-up epochs (the script's default)."""
+    assert all(f"--data pbc --data-root {root} " in ln for ln in todo)
+    assert all(ln.split().count("--train-size") == 1 and "--train-size 200" in ln for ln in todo)
+    assert ft and all(ln.endswith("--epochs 50 --patience 5") and ln.split().count("--epochs") == 1 for ln in ft)
+    assert all("--label-frac 1 " in ln and "--eval" not in ln for ln in ft)
+    assert all("--seed 0 " in ln for ln in todo if "pretrain_" in ln)  # one pretraining run per setting
+    for s in (0, 1, 2):
+        assert sum(f"--seed {s} " in ln for ln in ft) == len(ft) // 3
+    assert not any("--warmup-epochs" in ln for ln in dino)
+    assert all("--out-dim 4096 --workers 0" in ln for ln in dino)
+
+
+def test_claim3_batch_mode_sweeps_cass_and_dino_over_batch_8_16_32(tmp_path):
+    root, todo, ft, cass, dino = claim_plan(tmp_path, "claim3-batch")
+    assert_claim_pbc_protocol(root, todo, ft, dino)
+    for bs in (8, 16, 32):
+        assert sum(f"--bs {bs} --epochs 50 " in ln and "--predictor" not in ln for ln in cass) == 1
+        assert sum(f"--bs {bs} --epochs 50 " in ln for ln in dino) == 2  # ResNet-18 and ViT-Ti/16
+        out = [ln.split("--out ")[1] for ln in ft if "-pred-" not in ln]
+        assert sum(f"-bs{bs}-ep50-" in o for o in out) == 4 * 3  # 2 methods x 2 arms x 3 seeds
+    # CASS --predictor beside the paper's CASS at batch 16 only, marked beyond the paper in the table
+    pred = [ln for ln in cass if "--predictor" in ln]
+    assert len(pred) == 1 and "--bs 16 " in pred[0]
+    assert sum("-pred-" in ln for ln in ft) == 2 * 3
+    assert len(ft) == 3 * 12 + 6
+    td = S.study(P.PROFILES["claim3-batch"])["claim3_batch"]
+    beyond = [c for c in td.cells if c.ft.source is not None and getattr(c.ft.source, "predictor", False)]
+    assert beyond and all(S.BEYOND in c.row and c.col == "batch 16" for c in beyond)
+    assert not any(S.BEYOND in c.row for c in td.cells if c not in beyond)
+
+
+def test_claim3_batch_mri_mode_is_table6_on_brain_mri(tmp_path):
+    root, todo, ft, cass, dino = claim_plan(tmp_path, "claim3-batch-mri", "BRAIN_MRI_ROOT")
+    assert not dino and all(f"--data brain-mri --data-root {root} " in ln for ln in todo)
+    assert not any("--train-size" in ln or "--predictor" in ln for ln in todo)
+    assert sorted(ln.split("--bs ")[1].split()[0] for ln in cass) == ["16", "32", "8"]
+    assert all("--epochs 3 --init random" in ln for ln in cass)
+    # the cpu mode's protocol at 100% labels (3 epochs, patience 5 by default), 3 seeds, both arms
+    assert len(ft) == 3 * 2 * 3 and all("--label-frac 1 " in ln and ln.endswith("--epochs 3") for ln in ft)
+    assert P.PROFILES["claim3-batch-mri"].runs != P.CPU.runs  # the cpu mode's tables keep their seeds
+    td = S.study(P.PROFILES["claim3-batch-mri"])["claim3_batch_mri"]
+    assert all(c.paper == P_R.ablation_cell("table6", c.col.split()[1], c.ft.arm) for c in td.cells)
+
+
+def test_claim4_epochs_mode_compares_50_and_100_epochs(tmp_path):
+    root, todo, ft, cass, dino = claim_plan(tmp_path, "claim4-epochs")
+    assert_claim_pbc_protocol(root, todo, ft, dino)
+    for ep in (50, 100):
+        assert sum(f"--bs 16 --epochs {ep} " in ln and "--predictor" not in ln for ln in cass) == 1
+        assert sum(f"--bs 16 --epochs {ep} " in ln for ln in dino) == 2
+        assert sum(f"-bs16-ep{ep}-" in ln.split("--out ")[1] for ln in ft) == 12 + (6 if ep == 50 else 0)
+    assert [ln for ln in cass if "--predictor" in ln][0].count("--epochs 50 ") == 1
+
+
+def test_claim5_small_data_mode_compares_every_method_on_200_images(tmp_path):
+    root, todo, ft, cass, dino = claim_plan(tmp_path, "claim5-small-data")
+    assert_claim_pbc_protocol(root, todo, ft, dino)
+    assert len(cass) == 2 and len(dino) == 2 and len(ft) == 4 * 2 * 3  # DINO, CASS, CASS --predictor, supervised
+    assert sum("--init random" in ln for ln in ft) == 2 * 3
+    td = S.study(P.PROFILES["claim5-small-data"])["claim5_small_data"]
+    for c in td.cells:
+        beyond = c.ft.method == "cass" and c.ft.source.predictor
+        assert (S.BEYOND in c.row) == beyond and (c.paper is None) == beyond
+    assert "another data set" in td.paper_label
+
+
+def test_claim6_ablations_mode_maps_each_table_to_its_flag(tmp_path):
+    root, todo, ft, cass, dino = claim_plan(tmp_path, "claim6-ablations")
+    assert_claim_pbc_protocol(root, todo, ft, dino)
+    assert not dino and not any("--predictor" in ln for ln in todo)
+    flags = sorted(ln.split("-seed0 ")[1].replace("--img-size 64 --workers 0 --train-size 200", "").strip()
+                   for ln in cass)
+    assert flags == ["", "", "--cnn-opt sgd", "--extra-aug blur,solarize", "--head-act sigmoid", "--head-act softmax"]
+    assert sum("--vit densenet121 " in ln for ln in cass) == 1 and all("--epochs 50 " in ln for ln in cass)
+    # the recipe both arms; Tables 9-10 the Transformer arm, Table 11 both, Table 18 the CNN arm (shared by both pairs)
+    folders = [ln.split("--out ")[1].split("/finetune/")[1].split("/")[0] for ln in ft]
+    expect = {"": ("cnn", "vit"), "-aug_blur_solarize": ("vit",), "-cnnopt_sgd": ("vit",),
+              "-head_sigmoid": ("cnn", "vit"), "-head_softmax": ("cnn", "vit")}
+    for tag, arms in expect.items():
+        for arm in ("cnn", "vit"):
+            n = folders.count(f"cass-resnet18+vit_tiny_patch16_224-bs16-ep50-random{tag}-{arm}")
+            assert n == (3 if arm in arms else 0), (tag, arm, n)
+    assert sorted(f.rsplit("-", 1)[1] for f in folders if "densenet121" in f) == ["cnn"] * 3
+    assert len(ft) == 3 * (2 + 1 + 1 + 2 + 2 + 1)
+    tables = S.study(P.PROFILES["claim6-ablations"])
+    assert sorted(tables) == ["claim6_table10", "claim6_table11", "claim6_table18", "claim6_table9"]
+    assert tables["claim6_table10"].cells[-1].paper == P_R.ablation_cell("table10", "SGD", "vit")
+
+
+def test_claim_pbc_modes_share_one_runs_folder_and_the_base_setting(tmp_path):
+    profs = [P.PROFILES[m] for m in CLAIM_PBC_MODES]
+    assert {p.runs for p in profs} == {Path("runs/claims-pbc200")} and len({p.results for p in profs}) == 4
+    assert all(p.runs not in (P.CPU_PBC200.runs, P.CPU_PBC.runs) for p in profs)
+    base = S.default_cass(profs[0], "pbc").key()
+    for p in profs:
+        keys = {c.ft.source.key() for td in S.study(p).values() for c in td.cells if c.ft.source is not None}
+        assert base in keys, p.name

@@ -448,3 +448,19 @@ def test_cpu_data_tables_name_their_data_set(tmp_path):
             assert "PBC" in (out / f"{table}.md").read_text().splitlines()[0], table
         assert "paper" not in next(ln for ln in (out / f"{name}.md").read_text().splitlines()
                                    if ln.startswith("| Method"))
+
+
+def test_claim_tables_mark_the_predictor_rows_and_name_the_claim(tmp_path):
+    """A claim mode's tables.md says which claim it tests; CASS --predictor rows are marked beyond the paper; the
+    paper columns say they are another data set (no runs needed: every cell is '—')."""
+    out = tmp_path / "out"
+    summary = tables.build_all("claim5-small-data", tmp_path / "none", out)
+    text = (out / "tables.md").read_text()
+    assert "claim 5, tested at CPU scale" in text and "results/claims.md" in text
+    assert read_md_row(text, f"CASS --predictor, {S.BEYOND} (ResNet-18)")
+    assert "paper on autoimmune (198 images), another data set" in text
+    assert summary["claim5_small_data"] == (0, 8)  # DINO, CASS, CASS --predictor, supervised x 2 backbones
+    summary = tables.build_all("claim6-ablations", tmp_path / "none", tmp_path / "out6")
+    assert set(summary) == {"claim6_table9", "claim6_table10", "claim6_table11", "claim6_table18"}
+    t10 = (tmp_path / "out6" / "claim6_table10.md").read_text()
+    assert "SGD for the CNN arm" in t10 and "another data set" in t10
