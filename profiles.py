@@ -209,7 +209,7 @@ CPU_RESPLIT = replace(
     ft_args=CPU.ft_args + _RESPLIT, data="brain-mri", fracs=(0.01, 0.1, 1.0),
     title="Brain MRI re-split by us (Training/ and Testing/ pooled, stratified 70/10/20, copies kept in one part)")
 
-# The claims ledger (results/claims.md, issue 28): the paper's claims 3-6 tested at CPU scale, one mode per claim
+# The claims ledger (results/claims.md): the paper's claims 3-6 tested at CPU scale, one mode per claim
 # group (docs/run_all.md, "The claim modes"; every cost there is an estimate until measured).
 #
 # On PBC with the 200-image training subset (claims 3, 4, 5, 6): ResNet-18 + ViT-Ti/16 at 64 px from random init,

@@ -1,4 +1,4 @@
-"""The CUDA and torchrun paths, checked on the CPU (issue 29): what each path decides and builds,
+"""The CUDA and torchrun paths, checked on the CPU: what each path decides and builds,
 with the CUDA calls stood in for where a GPU would be needed. Fast: no training run."""
 
 import pytest
