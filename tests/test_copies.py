@@ -73,24 +73,25 @@ def test_exact_copies_by_bytes_and_by_pixels(tmp_path):
     assert sorted(sorted(Path(i).name for i in g) for g in found["near_groups"]) == exact  # near includes exact
 
 
-@pytest.mark.parametrize("kind", sorted(CAUGHT))
-def test_near_copy_is_found(kind, tmp_path):
+def copies_with_one_planted(tmp_path, alter) -> dict:
+    """find_copies on eight distinct pictures and `alter` applied to the fourth, saved as copy.png."""
     (tmp_path / "a").mkdir()
     for i in range(8):
         photo(i).save(tmp_path / "a" / f"{i}.png")
-    CAUGHT[kind](photo(3)).save(tmp_path / "a" / "copy.png")
-    found = CP.find_copies(table_of(tmp_path), progress=False)
+    alter(photo(3)).save(tmp_path / "a" / "copy.png")
+    return CP.find_copies(table_of(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("kind", sorted(CAUGHT))
+def test_near_copy_is_found(kind, tmp_path):
+    found = copies_with_one_planted(tmp_path, CAUGHT[kind])
     assert found["exact_groups"] == []
     assert [sorted(Path(i).name for i in g) for g in found["near_groups"]] == [["3.png", "copy.png"]]
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_CAUGHT))
 def test_documented_blind_spots_are_not_found(kind, tmp_path):
-    (tmp_path / "a").mkdir()
-    for i in range(8):
-        photo(i).save(tmp_path / "a" / f"{i}.png")
-    NOT_CAUGHT[kind](photo(3)).save(tmp_path / "a" / "copy.png")
-    assert CP.find_copies(table_of(tmp_path), progress=False)["near_groups"] == []
+    assert copies_with_one_planted(tmp_path, NOT_CAUGHT[kind])["near_groups"] == []
 
 
 def test_distinct_pictures_are_never_copies(tmp_path):

@@ -140,21 +140,30 @@ def test_sigterm_under_torchrun_saves_once_and_the_rerun_ends_like_the_uninterru
     143; torchrun again continues from that step and ends with the uninterrupted DDP run's weights
     and per-epoch losses."""
     tmp, _ = runs
-    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1", TMPDIR=str(tmp))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HOOKS), str(ROOT / "pretrain_cass.py"), *ARGS, "--out", "stopped"]  # the hooks: the fault
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun_stopped_at_epoch_2_step_1(tmp, ARGS, "stopped")
     assert proc.returncode != 0
     assert proc.stderr.count("stopped: SIGTERM after epoch 2 step 1: checkpoint saved in stopped") == 2
     ck = torch.load(tmp / "stopped" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 0 and ck["partial"]["step"] == 1
     torchrun("pretrain_cass.py", *ARGS, "--out", "stopped", cwd=tmp)
+    assert_same_cass_run(tmp / "ddp", tmp / "stopped")
+
+
+def torchrun_stopped_at_epoch_2_step_1(tmp, args, out):
+    """CASS under torchrun (2 processes) with a SIGTERM noted at epoch 2 step 1 (the hooks: the fault)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1", TMPDIR=str(tmp))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HOOKS), str(ROOT / "pretrain_cass.py"), *args, "--out", out]
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+
+
+def assert_same_cass_run(a_dir, b_dir):
+    """Both CASS runs end with the same weights, bit for bit, and the same per-epoch losses."""
     for name in ("cnn_last", "vit_last", "cnn", "vit"):
-        a = load_file(tmp / "ddp" / f"{name}.safetensors")
-        b = load_file(tmp / "stopped" / f"{name}.safetensors")
+        a = load_file(a_dir / f"{name}.safetensors")
+        b = load_file(b_dir / f"{name}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert [r["loss"] for r in read_csv_log(tmp / "ddp" / "log.csv")] == \
-        [r["loss"] for r in read_csv_log(tmp / "stopped" / "log.csv")]
+    assert [r["loss"] for r in read_csv_log(a_dir / "log.csv")] == [r["loss"] for r in read_csv_log(b_dir / "log.csv")]
 
 
 def test_torchrun_resumes_a_stop_after_the_last_step_of_an_epoch(runs):
@@ -165,17 +174,9 @@ def test_torchrun_resumes_a_stop_after_the_last_step_of_an_epoch(runs):
     tmp, _ = runs
     one_step = [*ARGS, "--limit-train", "16"]
     torchrun("pretrain_cass.py", *one_step, "--out", "one_step", cwd=tmp)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CASS_INJECT_FAULT="sigterm@2.1", TMPDIR=str(tmp))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HOOKS), str(ROOT / "pretrain_cass.py"), *one_step, "--out", "stopped_at_end"]
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun_stopped_at_epoch_2_step_1(tmp, one_step, "stopped_at_end")
     assert proc.returncode != 0 and "stopped: SIGTERM after epoch 2 step 1" in proc.stderr
     ck = torch.load(tmp / "stopped_at_end" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 0 and ck["partial"]["step"] == 1  # the whole of epoch 2 done, not yet logged
     torchrun("pretrain_cass.py", *one_step, "--out", "stopped_at_end", cwd=tmp)
-    for name in ("cnn_last", "vit_last", "cnn", "vit"):
-        a = load_file(tmp / "one_step" / f"{name}.safetensors")
-        b = load_file(tmp / "stopped_at_end" / f"{name}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert [r["loss"] for r in read_csv_log(tmp / "one_step" / "log.csv")] == \
-        [r["loss"] for r in read_csv_log(tmp / "stopped_at_end" / "log.csv")]
+    assert_same_cass_run(tmp / "one_step", tmp / "stopped_at_end")
