@@ -288,7 +288,7 @@ def train_subset(table: ImageTable, train_rows: np.ndarray, n: int, seed: int) -
 
 def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None,
               resplit: bool = False) -> dict:
-    """The split of get_full_split; with `train_size`, its training part replaced by a stratified subset of
+    """The saved split (made first if needed, see _full_split); with `train_size`, its training part replaced by a stratified subset of
     that many images, drawn once and saved beside the split file as <split>-train<N>.json (validation and
     test stay whole). `resplit`: ignore the curator's split and split all images ourselves (its own
     default file, <...>-resplit.json)."""
@@ -296,7 +296,7 @@ def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: in
         raise UserError(f"--resplit: --data {table.name} has no curator's split to set aside (our splits already "
                         "keep copies together)")
     path = Path(split_file) if split_file else default_split_file(table, seed, resplit)
-    split = get_full_split(table, path, seed, resplit)
+    split = _full_split(table, path, seed, resplit)
     if train_size is None:
         return split
     sub = path.with_name(f"{path.stem}-train{train_size}.json")
@@ -308,10 +308,8 @@ def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: in
                                         "split_seed": seed, "fingerprint": table.fingerprint(),
                                         "train": [table.ids[r] for r in rows]})
                 return {**split, "train": rows}
-    index = {i: r for r, i in enumerate(table.ids)}
     try:
-        ids = json.loads(sub.read_text())["train"]
-        rows = np.asarray([index[i] for i in ids], dtype=np.int64)
+        rows = _rows_of(table, json.loads(sub.read_text())["train"])
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{sub} is not a training-subset file (JSON with a train id list): delete it to draw a new one")
     if not np.isin(rows, split["train"]).all():
@@ -319,8 +317,13 @@ def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: in
     return {**split, "train": rows}
 
 
-def get_full_split(table: ImageTable, split_file=None, seed: int = 77, resplit: bool = False) -> dict:
-    """Load the saved split, or make and save it. Returns {'train'|'val'|'test': row indices}.
+def _rows_of(table: ImageTable, ids) -> np.ndarray:
+    index = {i: r for r, i in enumerate(table.ids)}
+    return np.asarray([index[i] for i in ids], dtype=np.int64)
+
+
+def _full_split(table: ImageTable, path: Path, seed: int, resplit: bool) -> dict:
+    """Load the split saved at `path`, or make and save it. Returns {'train'|'val'|'test': row indices}.
 
     The copies in the data set (copies.py) are found first and saved beside the split file
     (`<split>.copies.json`); a split we make keeps every group of copies, and every group of
@@ -331,7 +334,6 @@ def get_full_split(table: ImageTable, split_file=None, seed: int = 77, resplit: 
     one. A split file saved before copies were looked for is used as it is; its copies are found
     and saved beside it."""
     from copies import copies_file, ensure_copies, load_copies, split_groups
-    path = Path(split_file) if split_file else default_split_file(table, seed)
     cpath = copies_file(path)
     copies = load_copies(cpath, table) if path.exists() else None
     if copies is None:
@@ -345,17 +347,17 @@ def get_full_split(table: ImageTable, split_file=None, seed: int = 77, resplit: 
                 table.extra["copies"] = copies
                 return split
     table.extra["copies"] = copies
-    index = {i: r for r, i in enumerate(table.ids)}
     try:
         saved = json.loads(path.read_text())
         parts = {k: saved[k] for k in ("train", "val", "test")}
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"--split-file {path} is not a split file (JSON with train/val/test id lists)")
-    missing = [i for ids in parts.values() for i in ids if i not in index]
+    known = set(table.ids)
+    missing = [i for ids in parts.values() for i in ids if i not in known]
     if missing:
         raise UserError(f"--split-file {path} lists {len(missing)} ids not in the data set (first: "
                         f"{missing[0]}); it belongs to other data: delete it to make a new split")
-    return {k: np.asarray([index[i] for i in ids], dtype=np.int64) for k, ids in parts.items()}
+    return {k: _rows_of(table, ids) for k, ids in parts.items()}
 
 
 def note_leaks(args, table: ImageTable, split: dict):
