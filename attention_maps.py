@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, pick_device, run_cli
 from datasets import load_data
-from loading import ImageDataset
 from models import NORMS, apply_norm, create_backbone
-from weight_files import head_prefixes, load_weights, norm_of_weights, read_state_dict
-from transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from pipeline.loading import ImageDataset
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from runtime.cli import add_data_args, pick_device, run_cli
+from runtime.errors import UserError
+from runtime.files import atomic_save_figure, atomic_write_json
+from runtime.weight_files import head_prefixes, load_weights, norm_of_weights, read_state_dict
 
 # ---------------------------------------------------------------- extraction
 

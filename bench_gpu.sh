@@ -72,7 +72,7 @@ run() {
         return
     fi
     echo "bench_gpu: $group (limit ${limit}s)" >&2
-    timeout --kill-after=10 "$limit" "$PY" bench.py "${COMMON[@]}" --tmp "$TMP/data" "$@" | tee -a "$LINES"
+    timeout --kill-after=10 "$limit" "$PY" -m benchmarks.bench "${COMMON[@]}" --tmp "$TMP/data" "$@" | tee -a "$LINES"
     local rc=${PIPESTATUS[0]}
     if [[ $rc != 0 ]]; then
         printf '{"name": "%s", "error": "bench.py exited %s%s", "img_per_s": null, "peak_mem_mb": null}\n' \

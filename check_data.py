@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, add_data_args, atomic_save_figure, atomic_write_json, run_cli
-from copies import NEAR_THRESHOLD, METHOD, clean_test_rows, group_ids, leaks
 from datasets import get_split, load_table
-from images import array_to_rgb, load_rgb
+from pipeline.copies import METHOD, NEAR_THRESHOLD, clean_test_rows, group_ids, leaks
+from pipeline.images import array_to_rgb, load_rgb
+from runtime.cli import add_data_args, run_cli
+from runtime.files import atomic_save_figure, atomic_write_json
 
 
 def get_args(argv=None):

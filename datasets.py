@@ -3,139 +3,31 @@
 `load_table(name, root)` reads a data set in the layout its curators ship (or generates the
 embedded synthetic one) into an `ImageTable`: sample ids, where each image lies, labels, class
 names; the class-per-folder trees (folder, dermofit) are read here, the other layouts in
-layouts.py (imported only for them). `get_split` makes or reuses the saved train/val/test split,
+pipeline/layouts.py (imported only for them). `get_split` makes or reuses the saved train/val/test split,
 so CASS, DINO, supervised training and every fine-tuning seed see the same images. `load_data` does both for the shared
 flags, with the decoded-image cache and the bad-image checks of decoded_cache.py (imported only for
-image files). From a table to batches: loading.py; the transforms: transforms.py.
+image files). The table type, the junk rule and the class-per-folder reader are in pipeline/table.py;
+from a table to batches: pipeline/loading.py; the transforms: pipeline/transforms.py.
 """
 
-import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write_json, atomic_write_text, default_cache_dir, file_lock
-from distributed import is_main
+from pipeline.table import ImageTable, largest_remainder, load_folder
+from runtime.cli import default_cache_dir
+from runtime.distributed import is_main
+from runtime.errors import UserError
+from runtime.files import atomic_write_json, atomic_write_text, file_lock
 
 DATA_NAMES = ("synthetic", "synthetic-multilabel", "isic2019", "ham10000", "brain-mri", "dermofit", "autoimmune",
               "pbc", "folder", "csv", "medmnist")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test, Section 4.1
 
 
-@dataclass
-class ImageTable:
-    """One data set: row i is image ids[i] with label labels[i].
-
-    Images come either from files (`paths`) or from a uint8 array (`array`, N x H x W [x C]).
-    Labels are int64 class indices (single-label) or a float32 N x L 0/1 matrix (multi-label).
-    `curator_split` maps 'train'/'test' (and maybe 'val') to row indices when the data set ships
-    its own split. `groups` (one value per row, e.g. HAM10000's lesion_id or a --group-col) names
-    images that must stay in one split part."""
-    name: str
-    ids: list
-    labels: np.ndarray
-    class_names: list
-    multilabel: bool
-    paths: list = None
-    array: np.ndarray = None
-    curator_split: dict = None
-    root: str = ""
-    extra: dict = field(default_factory=dict)
-    groups: list = None
-
-    def __len__(self):
-        return len(self.ids)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha1(self.name.encode())
-        for i in self.ids:
-            h.update(i.encode() + b"\n")
-        return h.hexdigest()[:10]
-
-    def class_counts(self, rows=None) -> np.ndarray:
-        y = self.labels if rows is None else self.labels[rows]
-        if self.multilabel:
-            return y.sum(0).astype(np.int64)
-        return np.bincount(y, minlength=len(self.class_names))
-
-
 # ---------------------------------------------------------------- loaders
-
-def _need_dir(root, flag="--data-root") -> Path:
-    if root is None:
-        raise UserError(f"{flag} is required for this data set")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{flag} {root}: no such folder")
-    return root
-
-
-SYSTEM_FOLDERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information"}
-
-
-def is_junk(rel: Path) -> bool:
-    """A hidden file, or any file inside a hidden or system folder (.ipynb_checkpoints/, __MACOSX/,
-    .git/): never data, in any layout."""
-    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in rel.parts)
-
-
-def _images_under(folder: Path, exclude_masks=False):
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                   and not is_junk(p.relative_to(folder)))
-    if exclude_masks:
-        files = [p for p in files if "mask" not in p.name.lower()]
-    return files
-
-
-def _class_folders(root: Path, exclude_masks=False):
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_junk(Path(d.name)))
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = _images_under(root / name, exclude_masks)
-        paths += files
-        labels += [c] * len(files)
-    return classes, paths, labels
-
-
-LAYOUTS = {  # what each file-based loader expects under --data-root, for the "no images" errors
-    "folder": "one sub-folder per class holding the images: <root>/<class>/**/<image>",
-    "dermofit": "one sub-folder per class, one per lesion in it: <root>/<class>/<lesion>/<image>",
-    "brain-mri": "<root>/Training/<class>/<image> and <root>/Testing/<class>/<image>",
-    "isic2019": "ISIC_2019_Training_GroundTruth.csv and ISIC_2019_Training_Input/<image>.jpg",
-    "ham10000": "HAM10000_metadata.csv and <image_id>.jpg in HAM10000_images_part_1/, _part_2/ or one folder",
-    "pbc": "one sub-folder per class (in PBC_dataset_normal_DIB/ or directly): <root>/<class>/<image>",
-    "csv": "a CSV of image paths (relative to its folder) with a 'label' column or one 0/1 column per label",
-    "autoimmune": "a CSV of image paths (relative to its folder) with one 0/1 column per cell type",
-}
-
-
-def _no_images(name, root, where=""):
-    return UserError(f"--data-root {root}: no images found{where} (expected {LAYOUTS.get(name, 'image files')}; "
-                     f"image files end in {', '.join(sorted(IMAGE_EXTS))})")
-
-
-def _from_files(name, root, paths, labels, classes, multilabel=False, curator=None) -> ImageTable:
-    if not paths:
-        raise _no_images(name, root, f" for --data {name}")
-    ids = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
-    labels = np.asarray(labels, dtype=np.float32 if multilabel else np.int64)
-    return ImageTable(name, ids, labels, list(classes), multilabel, paths=[str(p) for p in paths],
-                      curator_split=curator, root=str(root))
-
-
-def load_folder(root, name="folder", exclude_masks=False) -> ImageTable:
-    """A class-per-folder tree: root/<class>/**/<image>."""
-    root = _need_dir(root)
-    classes, paths, labels = _class_folders(root, exclude_masks)
-    if not classes:
-        loose = len(_images_under(root))
-        raise _no_images(name, root, f" in class sub-folders, {loose} lie directly in it" if loose else "")
-    return _from_files(name, root, paths, labels, classes)
-
 
 def load_dermofit(root) -> ImageTable:
     """Dermofit: root/<class>/<lesion>/<image>, where the lesion folder also holds a *mask* image."""
@@ -143,7 +35,7 @@ def load_dermofit(root) -> ImageTable:
 
 
 def load_synthetic(cache_dir, multilabel) -> ImageTable:
-    from synthetic import ensure_synthetic  # (the generator, only for the synthetic data sets)
+    from pipeline.synthetic import ensure_synthetic  # (the generator, only for the synthetic data sets)
     folder = ensure_synthetic(Path(cache_dir).expanduser(), multilabel=multilabel)
     meta = json.loads((folder / "meta.json").read_text())
     images = np.load(folder / "images.npy", mmap_mode="r")
@@ -154,7 +46,7 @@ def load_synthetic(cache_dir, multilabel) -> ImageTable:
 
 
 def _layouts():
-    import layouts  # (the CSV, brain MRI, ISIC 2019 and MedMNIST layouts: only for those data sets)
+    from pipeline import layouts  # (the CSV, brain MRI, ISIC 2019 and MedMNIST layouts: only for those data sets)
     return layouts
 
 
@@ -195,19 +87,6 @@ def _strata(table: ImageTable, rows: np.ndarray) -> np.ndarray:
     inv = inv.copy()
     inv[counts[inv] < 5] = -1
     return inv
-
-
-def largest_remainder(want, total: int, tiebreak=None) -> np.ndarray:
-    """Integer counts summing to `total` (at least sum(floor(want))), as close to the real numbers
-    `want` as possible: each is floor(want) or one more, the extra ones going to the largest fractional parts
-    (ties: the first, or the lowest `tiebreak`). The split's allocation within each stratum
-    (stratified_partition), the labelled subset's (finetune.py) and the synthetic data's class counts."""
-    want = np.asarray(want, dtype=np.float64)
-    counts = np.floor(want).astype(np.int64)
-    remainder = -(want - counts)
-    order = np.argsort(remainder, kind="stable") if tiebreak is None else np.lexsort((tiebreak, remainder))
-    counts[order[: max(int(total - counts.sum()), 0)]] += 1
-    return counts
 
 
 def stratified_partition(strata: np.ndarray, fractions, seed: int, groups=None):
@@ -333,7 +212,7 @@ def _full_split(table: ImageTable, path: Path, seed: int, resplit: bool) -> dict
     that need the same split at once (run_all --jobs N) make them once, and never read a half-written
     one. A split file saved before copies were looked for is used as it is; its copies are found
     and saved beside it."""
-    from copies import copies_file, ensure_copies, load_copies, split_groups
+    from pipeline.copies import copies_file, ensure_copies, load_copies, split_groups
     cpath = copies_file(path)
     copies = load_copies(cpath, table) if path.exists() else None
     if copies is None:
@@ -363,7 +242,7 @@ def _full_split(table: ImageTable, path: Path, seed: int, resplit: bool) -> dict
 def note_leaks(args, table: ImageTable, split: dict):
     """table.extra["clean_test"] (the test rows with no copy in training or validation) and
     ["leaks"] (copies.leaks); one warning line when the test leaks."""
-    from copies import clean_test_rows, leaks
+    from pipeline.copies import clean_test_rows, leaks
     copies = table.extra["copies"]
     table.extra["clean_test"] = clean_test_rows(split, table, copies)
     table.extra["leaks"] = found = leaks(split, table, copies)
@@ -398,7 +277,7 @@ def load_data(args, cache_size=None, cache_part=None):
     skip = bool(getattr(args, "skip_bad_images", False))
     bad = []
     if table.array is None:
-        from decoded_cache import cached_table, check_images  # (only for data sets of image files)
+        from pipeline.decoded_cache import cached_table, check_images  # (only for data sets of image files)
         rows = split[cache_part] if cache_part else np.arange(len(table))
         workers = getattr(args, "workers", 0)
         if getattr(args, "cache", True):

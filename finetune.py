@@ -34,18 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
-import distributed
-import runs
-from common import UserError
 from datasets import _strata, largest_remainder, load_data, write_skipped
-from loading import batch_to_device, cass_pipeline, eval_pipeline, make_loader, use_gpu_aug
+from evaluation.metrics import compute_metrics, plot_confusion, to_probs, write_predictions
+from evaluation.probes import knn_probs, linear_probs  # (--eval knn / linear)
 from losses import FocalLoss, class_weights
-from metrics import compute_metrics, plot_confusion, to_probs, write_predictions
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
-from probes import knn_probs, linear_probs  # (--eval knn / linear)
-from weight_files import head_prefixes, load_weights, norm_of_weights
+from pipeline.loading import batch_to_device, cass_pipeline, eval_pipeline, make_loader, use_gpu_aug
+from runtime import cli, distributed, files, runs
+from runtime.errors import UserError
+from runtime.weight_files import head_prefixes, load_weights, norm_of_weights
 
 # Headline metric per data set (Appendix D.1): F1 for autoimmune, dermofit and brain MRI; the
 # organisers' balanced multi-class accuracy (macro recall) for ISIC 2019.
@@ -54,7 +52,7 @@ HEADLINE = {"isic2019": "balanced_accuracy", "ham10000": "balanced_accuracy"}  #
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, bs=16, epochs=50, img_size=384, init="imagenet")
+    cli.add_common_args(p, bs=16, epochs=50, img_size=384, init="imagenet")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--arch", default="resnet50",
                    help="timm name of the backbone (paper: resnet50, vit_base_patch16_384)")
@@ -249,7 +247,7 @@ def forward_all(model, loader, device, criterion=None, desc="eval"):
             x = batch_to_device(x, loader.dataset, device)
             if device.type == "cuda" and not is_transformer(model):
                 x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(device):
+            with cli.autocast(device):
                 z = model(x)
             z = z.float()
             if criterion is not None:
@@ -266,7 +264,7 @@ def finetune_step(fwd, x, y, criterion, opt, device):
     device tensor (no host sync)."""
     if device.type == "cuda" and not is_transformer(getattr(fwd, "module", fwd)):
         x = x.contiguous(memory_format=torch.channels_last)
-    with common.autocast(device):
+    with cli.autocast(device):
         logits = fwd(x)
     loss = criterion(logits, y)
     opt.zero_grad(set_to_none=True)
@@ -280,7 +278,7 @@ def finetune_step(fwd, x, y, criterion, opt, device):
 @runs.restores_signal_handlers  # (called from Python: SIGTERM / Ctrl-C handled as before it, after)
 def main(argv=None):
     args = get_args(argv)
-    device = distributed.setup_distributed(common.pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU
+    device = distributed.setup_distributed(cli.pick_device(args.device), args.dist_timeout)  # torchrun: one process per GPU
     config = dict(vars(args))
     runtime = (*runs.RUNTIME_FLAGS, "keep_checkpoint")
     out = runs.check_out_dir(args.out, config, args.force, ignore=runtime)  # another run's: refused now
@@ -312,7 +310,7 @@ def main(argv=None):
           f"({args.label_frac:g} of {len(split['train'])}; per class {counts.tolist()}), "
           f"{len(split['val'])} validation, {len(split['test'])} test")
 
-    common.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     model, fresh = build_model(args, C)
     mean_std = apply_norm(model, args.norm)
     print(f"{args.arch} ({count_params(model) / 1e6:.1f}M parameters) from "
@@ -325,7 +323,7 @@ def main(argv=None):
         if args.force:
             (out / "metrics.json").unlink(missing_ok=True)
         write_skipped(out, table)
-        common.atomic_write_json(out / "labelled_ids.json", {
+        files.atomic_write_json(out / "labelled_ids.json", {
             "data": args.data, "label_frac": args.label_frac, "seed": args.seed, "n_train": len(split["train"]),
             "n_labelled": len(rows), "class_names": table.class_names, "class_counts": counts.tolist(),
             "ids": [table.ids[r] for r in rows]})
@@ -374,7 +372,7 @@ def main(argv=None):
         "label_frac": args.label_frac, "seed": args.seed, "data": args.data, "arch": args.arch,
         "init": init_tag(args), "eval": args.eval, "class_names": table.class_names,
         "multilabel": table.multilabel, "train_seconds": t_total, **extra})
-    common.atomic_write_json(out / "metrics.json", metrics)
+    files.atomic_write_json(out / "metrics.json", metrics)
     if not args.keep_checkpoint:
         for name in ("checkpoint.pt", "checkpoint.prev.pt"):
             (out / name).unlink(missing_ok=True)
@@ -507,4 +505,4 @@ def train(args, out, model, table, rows, split, counts, device, test_loader, gpu
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import all_reduce_sum, world_size
+from runtime.distributed import all_reduce_sum, world_size
 
 # ---------------------------------------------------------------- CASS (Equation 1, Algorithm 1)
 

@@ -10,8 +10,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from common import UserError, atomic_save_safetensors
-from distributed import world_size
+from runtime.distributed import world_size
+from runtime.errors import UserError
+from runtime.files import atomic_save_safetensors
 
 
 def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, img_size: int = None,
@@ -35,7 +36,7 @@ def create_backbone(name: str, init: str = "imagenet", num_classes: int = 1000, 
                             f"use {flag} random or {flag} PATH to a local weight file") from None
     model = _create(name, False, kwargs)
     if init != "random":
-        from weight_files import load_weights
+        from runtime.weight_files import load_weights
         load_weights(model, init, flag=flag)
     return model
 
@@ -154,7 +155,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         from timm.layers import convert_sync_batchnorm
         return convert_sync_batchnorm(model)
 
-    from cpu_sync_batchnorm import convert_to_cpu_sync_batchnorm
+    from runtime.cpu_sync_batchnorm import convert_to_cpu_sync_batchnorm
     return convert_to_cpu_sync_batchnorm(model)
 
 

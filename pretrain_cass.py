@@ -19,17 +19,19 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from common import (UserError, add_common_args, atomic_save_safetensors, atomic_write_json, autocast, pick_device,
-                    run_cli, seed_everything)
 from datasets import load_data, write_skipped
-from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
-from loading import cass_pipeline, make_loader, use_gpu_aug
+from evaluation.monitors import (CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads,
+                                 plot_run)
 from losses import CASSLoss
 from models import (NORMS, CassArm, MLPHead, apply_norm, count_params, create_backbone, in_layout, save_weights,
                     sync_batchnorm, uses_channels_last, wrap_ddp)
-from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
-                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
+from pipeline.loading import cass_pipeline, make_loader, use_gpu_aug
+from runtime.cli import add_common_args, autocast, pick_device, run_cli, seed_everything
+from runtime.distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
+from runtime.errors import UserError
+from runtime.files import atomic_save_safetensors, atomic_write_json
+from runtime.runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                          restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -221,7 +223,7 @@ def main(argv=None):
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
     monitor = None
     if args.monitor and is_main():  # (rank 0 alone measures; the others go on)
-        from feature_monitors import Monitor
+        from evaluation.feature_monitors import Monitor
         monitor = Monitor(table, split, args.img_size, device, args.monitor_bank, args.monitor_val, seed=args.seed)
     collapse = CollapseWarning(log.rows)
     if monitor is not None and start_epoch == 0 and partial is None:  # the start, drawn as epoch 0 in monitors.png

@@ -36,17 +36,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import UserError, add_common_args, atomic_write_json, autocast, pick_device, run_cli, seed_everything
 from datasets import load_data, load_table, write_skipped
-from dino_crops import dino_cache_size
-from distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
-from loading import dino_pipeline, make_loader, use_gpu_aug
+from evaluation.monitors import (CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads,
+                                 plot_run)
 from losses import DINOLoss
 from models import (NORMS, apply_norm, count_params, create_backbone, is_transformer, save_weights, sync_batchnorm,
                     wrap_ddp)
-from monitors import CollapseWarning, add_monitor_args, monitor_line, output_moments, output_spreads, plot_run
-from runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
-                  restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
+from pipeline.dino_crops import dino_cache_size
+from pipeline.loading import dino_pipeline, make_loader, use_gpu_aug
+from runtime.cli import add_common_args, autocast, pick_device, run_cli, seed_everything
+from runtime.distributed import all_reduce_sum, is_main, main_first, setup_distributed, world_size
+from runtime.errors import UserError
+from runtime.files import atomic_write_json
+from runtime.runs import (CsvLog, TrainingGuard, check_out_dir, load_checkpoint, load_optimizer_state, prepare_out_dir,
+                          restores_signal_handlers, resume_point, save_checkpoint, seed_epoch)
 
 
 def get_args(argv=None):
@@ -426,7 +429,7 @@ def main(argv=None):
     log = CsvLog(out / "log.csv", keep_epochs_below=start_epoch)
     monitor = None
     if args.monitor and is_main():  # the evaluation view of the original images (the cache holds DINO's crop source)
-        from feature_monitors import Monitor
+        from evaluation.feature_monitors import Monitor
         monitor = Monitor(load_table(args.data, args.data_root, args.cache_dir), split, args.img_size, device,
                           args.monitor_bank, args.monitor_val, seed=args.seed)
     collapse = CollapseWarning(log.rows)

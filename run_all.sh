@@ -34,4 +34,4 @@ if [[ "${1:-}" == "quick" || "${1:-}" == cpu* || "${1:-}" == claim* ]]; then
     export HF_HUB_OFFLINE=1
 fi
 
-exec "$PY" run_all.py "$@"
+exec "$PY" -m study.run_all "$@"

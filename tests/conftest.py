@@ -119,12 +119,15 @@ class ServedProcess:
 
 
 def start_script(script, *args, cwd, env=None, hooks=None, new_session=False):
-    """Start `python ROOT/SCRIPT ARGS...` in `cwd` with `env` (default this process's environment), or
+    """Start `python ROOT/SCRIPT ARGS...` (or, for a dotted module name, `python -m MODULE ARGS...`) in `cwd` with `env` (default this process's environment), or
     with hooks (a list of its flags, maybe empty) `python tests/run_with_hooks.py HOOKS... ROOT/SCRIPT
     ARGS...`; stdin is empty, stdout and stderr are kept. Returns a ServedProcess of the script
     server, or with CASS_TEST_SERVER=0 a subprocess.Popen."""
-    argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), str(ROOT / script), *map(str, args)]
+    target = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]  # a script, or a module: study.tables
+    argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), *target, *map(str, args)]
     env = dict(os.environ if env is None else env)
+    if not script.endswith(".py"):  # (as run from the repository root)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     address = _Server.address()
     if address is None:
         return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,

@@ -35,8 +35,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import loading  # noqa: E402
-import runs  # noqa: E402
+from pipeline import loading  # noqa: E402
+from runtime import runs  # noqa: E402
 
 
 class StoppedAfterEpoch(BaseException):

@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "timm", "numpy", "PIL.Image", "sklearn.metrics", "sklearn.neighbors", "sklearn.linear_model",
            "safetensors.torch", "matplotlib", "tqdm",
            # the project: every module a script imports at start, and the optional ones
-           "common", "distributed", "runs", "datasets", "loading", "transforms", "images", "models", "losses",
-           "monitors", "metrics", "probes", "decoded_cache", "layouts", "synthetic_cells", "gpu_aug", "dino_crops", "synthetic",
-           "pretrain_cass", "pretrain_dino", "finetune", "attention_maps", "tables")
+           "runtime.cli", "runtime.files", "runtime.distributed", "runtime.runs", "datasets", "pipeline.loading",
+           "pipeline.transforms", "pipeline.images", "models", "losses", "evaluation.monitors", "evaluation.metrics",
+           "evaluation.probes", "pipeline.decoded_cache", "pipeline.layouts", "pipeline.synthetic_cells",
+           "pipeline.gpu_aug", "pipeline.dino_crops", "pipeline.synthetic",
+           "pretrain_cass", "pretrain_dino", "finetune", "attention_maps", "study.tables")
 
 
 def child(request: dict):
@@ -54,12 +56,17 @@ def child(request: dict):
         os.dup2(devnull, 0)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        script = str(Path(request["argv"][0]).resolve())
-        sys.argv = [script, *request["argv"][1:]]
-        sys.path[0] = str(Path(script).parent)
         import runpy
         try:
-            runpy.run_path(script, run_name="__main__")
+            if request["argv"][0] == "-m":  # python -m PACKAGE.MODULE ARGS... from the repository root
+                sys.argv = [request["argv"][1], *request["argv"][2:]]
+                sys.path[0] = str(ROOT)
+                runpy.run_module(request["argv"][1], run_name="__main__", alter_sys=True)
+            else:
+                script = str(Path(request["argv"][0]).resolve())
+                sys.argv = [script, *request["argv"][1:]]
+                sys.path[0] = str(Path(script).parent)
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

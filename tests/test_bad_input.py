@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import datasets as D
-import decoded_cache as DC
-import images as IM
-from common import UserError
 from conftest import run_script
+from pipeline import decoded_cache as DC
+from pipeline import images as IM
+from runtime.errors import UserError
 
 SIZE = ["--img-size", "32", "--workers", "0", "--bs", "4", "--epochs", "1"]
 
@@ -171,6 +171,7 @@ def case_class_without_example(d):
 
 def case_weights_other_arch(d):
     import timm
+
     from models import save_weights
     save_weights(timm.create_model("test_vit", img_size=32, num_classes=0), d / "vit.safetensors")
     make_images(d / "data")

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 import datasets as D
-import decoded_cache as DC
-import loading as LD
-import transforms as TR
-from dino_crops import dino_cache_size
+from pipeline import decoded_cache as DC
+from pipeline import loading as LD
+from pipeline import transforms as TR
+from pipeline.dino_crops import dino_cache_size
 
 
 def make_files(root, n=6, sizes=((40, 30), (24, 24))):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import run_script
 from losses import CASSLoss, cass_loss, covariance_penalty, predictor_loss, variance_hinge
 from models import CassArm, MLPHead
-from runs import read_csv_log
+from runtime.runs import read_csv_log
 
 
 def d_np(a, b):

@@ -14,9 +14,9 @@ from PIL import Image, ImageEnhance
 from sklearn import metrics as skm
 
 import check_data
-import copies as CP
 import datasets as D
 import finetune as FT
+from pipeline import copies as CP
 
 
 def photo(seed: int, size=(96, 80)) -> Image.Image:

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 import datasets as D
-import images as IM
-import loading as LD
-import transforms as TR
-from common import UserError
+from pipeline import images as IM
+from pipeline import loading as LD
+from pipeline import transforms as TR
+from runtime.errors import UserError
 
 
 def save_png(path, value=100, size=(12, 10), mode="RGB"):

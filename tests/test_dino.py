@@ -17,11 +17,11 @@ from torch import nn
 
 from conftest import ROOT, run_script
 from losses import DINOLoss, teacher_temp_schedule
-from weight_files import load_weights
-from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler,
-                           ema_update, make_optimizer, param_groups, train_step)
-from runs import read_csv_log
-from dino_crops import DinoMultiCrop
+from pipeline.dino_crops import DinoMultiCrop
+from pretrain_dino import (DINOHead, MultiCropNet, WeightNormLinear, clip_gradients, cosine_scheduler, ema_update,
+                           make_optimizer, param_groups, train_step)
+from runtime.runs import read_csv_log
+from runtime.weight_files import load_weights
 
 CPU = torch.device("cpu")
 

@@ -10,12 +10,12 @@ from PIL import Image, ImageDraw
 import finetune
 import pretrain_cass
 import pretrain_dino
-import profiles as P
-from datasets import ImageTable
-from gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
-from decoded_cache import cached_table
-from loading import ImageDataset
-from dino_crops import SourceCrop
+from pipeline.decoded_cache import cached_table
+from pipeline.dino_crops import SourceCrop
+from pipeline.gpu_aug import DinoGpuMultiCrop, UInt8Dataset, rrc_boxes
+from pipeline.loading import ImageDataset
+from pipeline.table import ImageTable
+from study import profiles as P
 
 
 def smooth_image(w, h):

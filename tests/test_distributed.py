@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HOOKS, ROOT, run_script
-from runs import read_csv_log
+from runtime.runs import read_csv_log
 
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_script, start_script
-from runs import read_csv_log
+from runtime.runs import read_csv_log
 
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 
@@ -307,7 +307,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, script):
 @pytest.mark.parametrize("world,drop", [(1, None), (2, None), (3, None), (2, 8)])
 def test_a_resumed_epoch_yields_exactly_the_items_it_had_left(world, drop):
     """EpochSampler with start=k*b: each process's remaining items are the tail of its full order."""
-    from loading import EpochSampler
+    from pipeline.loading import EpochSampler
     for rank in range(world):
         full, part = EpochSampler(37, True, drop_multiple=drop), EpochSampler(37, True, drop_multiple=drop)
         for s in (full, part):

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_with_hooks import stop_after_epoch
 from safetensors.torch import load_file
 from sklearn import metrics as skm
 
-import aggregate
 import datasets as D
 import finetune as FT
 import models
-import weight_files
-from common import UserError
 from conftest import run_script
-from run_with_hooks import stop_after_epoch
+from runtime import weight_files
+from runtime.errors import UserError
+from study import aggregate
 
 FOLDER_COUNTS = {"alpha": 30, "beta": 20, "gamma": 14}  # imbalanced, each class has val and test images
 TINY = ["--arch", "test_resnet", "--init", "random", "--img-size", "32", "--bs", "16", "--workers", "0"]

@@ -15,10 +15,10 @@ from scipy.stats import ks_2samp
 from torchvision import transforms as T
 
 import datasets as D
-import gpu_aug as G
-import images as IM
-import loading as LD
-import transforms as TR
+from pipeline import gpu_aug as G
+from pipeline import images as IM
+from pipeline import loading as LD
+from pipeline import transforms as TR
 
 N = 2000
 

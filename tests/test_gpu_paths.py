@@ -126,7 +126,7 @@ def test_adam_state_follows_the_device_and_layout_of_the_resumed_run(saved_on, r
     too) resumed by a CPU run (contiguous, unfused Adam), and the other way round: the resumed run's
     options stay its own, its moments take its parameters' layout, and its next steps are those of
     the run that saved, continued (to float rounding: fused and unfused Adam differ there)."""
-    from runs import load_optimizer_state
+    from runtime.runs import load_optimizer_state
     cuda = {"cuda": True, "cpu": False}
     saver = conv_net(cuda[saved_on])
     opt = torch.optim.Adam(saver.parameters(), lr=1e-2, fused=cuda[saved_on])
@@ -160,7 +160,7 @@ def _roundtrip(obj):
 
 JOB = '''
 import torch
-import loading
+from pipeline import loading
 
 WORKERS = []
 
@@ -187,8 +187,8 @@ def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeyp
     """A job run in one of run_all's worker processes (job_runner.run_in_worker) builds a persistent
     loader with a worker process; when the job ends, the loader is forgotten and its worker stopped
     (a worker process runs many jobs: their loaders would pile up)."""
-    import loading
-    from job_runner import run_in_worker
+    from pipeline import loading
+    from study.job_runner import run_in_worker
     (tmp_path / "loader_job.py").write_text(JOB)
     monkeypatch.syspath_prepend(str(tmp_path))
     import signal
@@ -208,6 +208,7 @@ def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeyp
 
 def test_bench_gpu_group_limits_add_up_to_at_most_the_budget():
     import re
+
     from conftest import ROOT
     text = (ROOT / "bench_gpu.sh").read_text()
     budget = int(re.search(r"^BUDGET=\$\(\( (\d+) \* SCALE \)\)", text, re.M).group(1))
@@ -224,7 +225,7 @@ def test_bench_gpu_group_limits_add_up_to_at_most_the_budget():
 def test_bench_resets_the_peak_after_the_warm_up_and_reports_reserved_memory(monkeypatch):
     """On CUDA (stood in for: the torch.cuda calls are recorded), the peak memory statistics are reset
     after the warm-up steps, before the timed ones, and both peaks are reported."""
-    import bench
+    from benchmarks import bench
     events = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
@@ -280,7 +281,7 @@ def test_dist_timeout_reaches_init_process_group(monkeypatch, script, flags, giv
     import datetime
     import importlib
 
-    import distributed
+    from runtime import distributed
     seen = {}
 
     def init(backend, **kwargs):
@@ -299,14 +300,14 @@ def test_a_run_folder_from_before_dist_timeout_resumes_with_any(tmp_path):
     before the flag existed, or with another value, is the same run."""
     import json
 
-    from runs import check_out_dir
+    from runtime.runs import check_out_dir
     (tmp_path / "config.json").write_text(json.dumps({"data": "synthetic", "bs": 16}))
     assert check_out_dir(tmp_path, {"data": "synthetic", "bs": 16, "dist_timeout": 90.0}, force=False) == tmp_path
 
 
 def test_dist_timeout_must_be_positive(monkeypatch):
-    from common import UserError
-    from distributed import setup_distributed
+    from runtime.distributed import setup_distributed
+    from runtime.errors import UserError
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="--dist-timeout 0: give a positive number of minutes"):
         setup_distributed(torch.device("cpu"), 0)
@@ -315,7 +316,8 @@ def test_dist_timeout_must_be_positive(monkeypatch):
 # ---------------------------------------------------------------- 10. smaller: set_device, seeds, update_bn, pick_device
 
 def test_device_cuda_n_becomes_the_current_cuda_device(monkeypatch):
-    from common import UserError, pick_device
+    from runtime.cli import pick_device
+    from runtime.errors import UserError
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -333,7 +335,7 @@ def test_each_process_draws_its_own_random_numbers_from_the_same_data_order(monk
     """Under torchrun, seed_epoch gives every process the same loader generator (the data order and
     the augmentations) but its own global generators (drop path, guard noise): rank 0's are those of
     a single process."""
-    import runs
+    from runtime import runs
     draws, orders = {}, {}
     for r in (None, 0, 1):
         monkeypatch.setattr(runs, "rank", lambda r=r: r or 0)
@@ -344,7 +346,7 @@ def test_each_process_draws_its_own_random_numbers_from_the_same_data_order(monk
 
 
 def test_mid_epoch_resume_restores_each_process_its_own_generators(monkeypatch):
-    import runs
+    from runtime import runs
     states, want = [], []
     for s in (1, 2):
         torch.manual_seed(s)
@@ -363,8 +365,9 @@ def test_mid_epoch_resume_restores_each_process_its_own_generators(monkeypatch):
 def test_swa_batchnorm_statistics_are_recomputed_under_autocast(monkeypatch):
     """The SWA BatchNorm recomputation runs under the autocast of training (CUDA's bf16 stood in for by
     the CPU's): the BatchNorm layers see the bf16 activations the weights see in training."""
-    import pretrain_cass
     from torch.optim.swa_utils import AveragedModel
+
+    import pretrain_cass
     monkeypatch.setattr(pretrain_cass, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     seen = []
@@ -376,7 +379,7 @@ def test_swa_batchnorm_statistics_are_recomputed_under_autocast(monkeypatch):
 
 def test_attention_maps_picks_its_device_as_the_other_scripts(monkeypatch):
     import attention_maps
-    from common import UserError
+    from runtime.errors import UserError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cuda:0: CUDA is not available"):
         attention_maps.main(["--arch", "test_vit", "--weights", "missing.safetensors", "--device", "cuda:0"])

@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 
-from common import UserError
 from models import create_backbone, save_weights
-from weight_files import load_weights, read_state_dict
+from runtime.errors import UserError
+from runtime.weight_files import load_weights, read_state_dict
 
 ARCHS = [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32})]
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from sklearn.neighbors import KNeighborsClassifier
 
-import feature_monitors as F
-import monitors as M
 from conftest import run_script
-from runs import read_csv_log
+from evaluation import feature_monitors as F
+from evaluation import monitors as M
+from runtime.runs import read_csv_log
 
 
 def test_effective_rank_of_a_rank_k_matrix_is_k():
@@ -180,7 +180,7 @@ def test_dino_log_holds_the_teachers_monitors(tmp_path):
 def test_plot_cli_redraws_and_refuses_a_folder_without_a_log(cass_runs, tmp_path):
     tmp, _, _ = cass_runs
     (tmp / "on" / "monitors.png").unlink()
-    proc = run_script("monitors.py", tmp / "on", cwd=tmp)
+    proc = run_script("evaluation.monitors", tmp / "on", cwd=tmp)
     assert (tmp / "on" / "monitors.png").is_file() and "monitors.png" in proc.stdout
-    proc = run_script("monitors.py", tmp_path, cwd=tmp, check=False)
+    proc = run_script("evaluation.monitors", tmp_path, cwd=tmp, check=False)
     assert proc.returncode == 2 and "no log.csv" in proc.stderr

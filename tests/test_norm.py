@@ -9,9 +9,9 @@ import torch
 
 import attention_maps
 from conftest import run_script
+from evaluation.feature_monitors import pooled_features
 from models import apply_norm, create_backbone, model_mean_std
-from feature_monitors import pooled_features
-from transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_normalised(x01):

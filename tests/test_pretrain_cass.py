@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_script
-from runs import read_csv_log
+from runtime.runs import read_csv_log
 
 SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
          "--init", "random", "--workers", "0", "--bs", "16"]

@@ -2,18 +2,19 @@
 for a paper table whose data root is given; tables without data are skipped with a message; runs
 whose metrics.json (fine-tuning) or weight files (pretraining) exist are skipped."""
 
-import pytest
 import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-import job_runner as JR
-import profiles as P
-import run_all as RA
-import paper_results as P_R
-import study as S
+import pytest
+
 from conftest import ROOT
+from study import cells as S
+from study import job_runner as JR
+from study import paper_results as P_R
+from study import profiles as P
+from study import run_all as RA
 
 
 def run_all(*args, env_extra=None, cwd=None):
@@ -63,7 +64,7 @@ def test_quick_dry_run_lists_the_plan_and_runs_nothing(tmp_path):
     # the pretrained rows are fine-tuned with 10% of the labels only
     assert not any("--weights" in ln for ln in tuned if "--label-frac 1 " in ln)
     assert sum("--eval knn" in ln for ln in ft) == sum("--eval linear" in ln for ln in ft) == 6 * 2
-    assert "attention_maps.py" in out and "tables.py --mode quick" in out
+    assert "attention_maps.py" in out and "study.tables --mode quick" in out
     assert not runs.exists() and not (tmp_path / "res").exists()
     # every fine-tuning of pretrained weights comes after the run that makes them
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
@@ -177,7 +178,7 @@ def test_every_paper_table_is_planned_when_all_roots_are_set(tmp_path):
 FAKE_SCRIPT = '''
 import sys, time
 from pathlib import Path
-from common import UserError
+from runtime.errors import UserError
 
 def main(argv):
     out, action = Path(argv[0]), argv[1]
@@ -235,7 +236,7 @@ def test_cpu_mode_plans_the_brain_mri_study(tmp_path):
         assert len(lines) == 6 * seeds and all(ln.endswith(f"--epochs {epochs}") for ln in lines)
     assert all("--label-frac 1 --seed 0 --eval" in ln and "--epochs" not in ln for ln in probes)
     assert sum("--init random" in ln for ln in probes) == 4  # the random-init baselines of both backbones
-    assert "tables.py --mode cpu" in proc.stdout
+    assert "study.tables --mode cpu" in proc.stdout
 
 
 def test_cpu_mode_without_its_data_root_runs_nothing(tmp_path):
@@ -317,7 +318,7 @@ def data_mode_plan(tmp_path, mode, env):
     ft = [ln for ln in todo if "finetune.py" in ln and "--eval" not in ln]
     probes = [ln for ln in todo if "--eval" in ln]
     pre = [ln for ln in todo if "pretrain_" in ln]
-    assert f"tables.py --mode {mode} " in proc.stdout
+    assert f"study.tables --mode {mode} " in proc.stdout
     return root, todo, ft, probes, pre
 
 
@@ -400,7 +401,7 @@ def claim_plan(tmp_path, mode, env="PBC_ROOT"):
     proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={env: str(root)})
     assert proc.returncode == 0, proc.stderr
     todo = todo_lines(proc.stdout)
-    assert f"tables.py --mode {mode} " in proc.stdout and f"--out results/claims/{mode}" in proc.stdout
+    assert f"study.tables --mode {mode} " in proc.stdout and f"--out results/claims/{mode}" in proc.stdout
     return (root, todo, [ln for ln in todo if "finetune.py" in ln], [ln for ln in todo if "pretrain_cass.py" in ln],
             [ln for ln in todo if "pretrain_dino.py" in ln])
 

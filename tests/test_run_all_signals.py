@@ -278,10 +278,10 @@ def test_a_worker_that_dies_is_reported_with_its_run(tmp_path, sweeps, straight,
 RACER = r"""
 import hashlib, json, sys, time
 from pathlib import Path
-import copies as CP
+from pipeline import copies as CP
 import datasets as D
-import decoded_cache as DC
-import synthetic as S
+from pipeline import decoded_cache as DC
+from pipeline import synthetic as S
 
 root, split_file, cache, log, me = sys.argv[1:]
 
@@ -327,11 +327,11 @@ def test_two_processes_needing_the_same_split_cache_and_synthetic_data_make_each
     a, b = (json.loads(out) for out, _ in outs)
     assert a == b
     import datasets as D
-    import decoded_cache as DC
+    from pipeline import decoded_cache as DC
     table = D.load_table("folder", tmp_path / "data")
     assert a["split"] == {k: v.tolist() for k, v in D.get_split(table, split_file).items()}
     assert sorted(sum(a["split"].values(), [])) == list(range(40))
     assert a["pixels"] == hashlib.sha1(b"".join(DC.decode_resized(p, 16).tobytes() for p in table.paths)).hexdigest()
-    import synthetic as S
+    from pipeline import synthetic as S
     alone = S.ensure_synthetic(tmp_path / "alone", False, n_images=12, size=32, progress=False)
     assert a["synthetic"] == hashlib.sha1((alone / "images.npy").read_bytes()).hexdigest()

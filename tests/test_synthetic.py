@@ -9,9 +9,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import synthetic
 from conftest import ROOT
-from synthetic import ensure_synthetic, synthetic_dir
+from pipeline import synthetic
+from pipeline.synthetic import ensure_synthetic, synthetic_dir
 
 SMALL = dict(n_images=120, size=48)
 

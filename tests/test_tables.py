@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import paper_results as PR
-import profiles as P
-import study as S
-import tables
-from run_index import Runs
-
+from study import cells as S
+from study import paper_results as PR
+from study import profiles as P
+from study import tables
+from study.run_index import Runs
 
 # ---------------------------------------------------------------- fake run folders
 
@@ -240,7 +239,7 @@ def test_paper_results_are_complete():
 
 def test_cli_writes_into_out(tmp_path):
     from conftest import run_script
-    proc = run_script("tables.py", "--mode", "quick", "--runs", tmp_path / "none", "--out", tmp_path / "res",
+    proc = run_script("study.tables", "--mode", "quick", "--runs", tmp_path / "none", "--out", tmp_path / "res",
                       cwd=tmp_path)
     assert "tables written to" in proc.stdout
     assert (tmp_path / "res" / "quick_synthetic.md").is_file()
@@ -379,7 +378,7 @@ def test_multilabel_table_states_the_all_positive_reference(tmp_path):
 def test_pretraining_key_keeps_arm_1s_own_init():
     """Tables 15 and 17: ResNet-200 starts random beside an ImageNet ViT (--cnn-init random); its run
     must be found by the cell that asks for it, and not by the plain ImageNet pair's cell."""
-    from run_index import pretrain_key
+    from study.run_index import pretrain_key
     cfg = cass_config("autoimmune", cnn="resnet200", vit="vit_base_patch16_384", bs=16, epochs=100,
                       init="imagenet", cnn_init="random")
     r200 = S.default_cass(P.PAPER, "autoimmune", cnn="resnet200")

@@ -23,11 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import job_runner as JR  # noqa: E402
-import profiles as P  # noqa: E402
-import run_all as RA  # noqa: E402
-import runs as R  # noqa: E402
-import study as S  # noqa: E402
+from runtime import runs as R  # noqa: E402
+from study import cells as S  # noqa: E402
+from study import job_runner as JR  # noqa: E402
+from study import profiles as P  # noqa: E402
+from study import run_all as RA  # noqa: E402
 
 EPOCHS = 12  # (of about 0.4 s each: a run lasts long enough to be stopped in the middle)
 TINY = replace(P.QUICK, name="tiny", cnn="test_resnet", vit="test_vit", seeds=(0,), pretrain_seeds=1,

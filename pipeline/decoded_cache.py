@@ -21,8 +21,10 @@ import numpy as np
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from common import UserError, atomic_write, atomic_write_json, default_cache_dir, file_lock
-from images import load_rgb
+from pipeline.images import load_rgb
+from runtime.cli import default_cache_dir
+from runtime.errors import UserError
+from runtime.files import atomic_write, atomic_write_json, file_lock
 
 
 def bad_images_error(bad, n_checked) -> UserError:

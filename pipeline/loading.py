@@ -7,7 +7,6 @@ device: with --gpu-aug (gpu_aug.py, imported only then) the augmentation runs th
 
 import atexit
 import functools
-import random
 import signal
 import weakref
 
@@ -15,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import UserError
-from datasets import ImageTable
-from distributed import rank, world_size
-from images import array_to_rgb, load_rgb
-from transforms import cass_augment, eval_transform
+from pipeline.images import array_to_rgb, load_rgb
+from pipeline.seeds import item_seed, seeded_rngs  # noqa: F401 (item_seed: re-exported)
+from pipeline.table import ImageTable
+from pipeline.transforms import cass_augment, eval_transform
+from runtime.distributed import rank, world_size
+from runtime.errors import UserError
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -54,43 +54,6 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(self.image(row)), label, row
         with seeded_rngs(item_seed(epoch_seed, row)):
             return self.transform(self.image(row)), label, row
-
-
-def item_seed(epoch_seed: int, row: int) -> int:
-    """The seed of one image's augmentation in one epoch (a splitmix64 mix of the two numbers).
-
-    It depends on the image's row, not on its position in the batch, the data loader worker or the
-    process that loads it: the same epoch gives the same views with 0 or 8 workers, 1 or 4 processes,
-    on the CPU path or (its own random numbers) the GPU one."""
-    z = (int(epoch_seed) * 0x9E3779B97F4A7C15 + int(row) + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1  # 63 bits: a valid torch seed
-
-
-class seeded_rngs:
-    """Seed the CPU random generators the transforms use (torch's default CPU generator, `random`,
-    numpy's global one) for one item. In the main process (workers=0) their previous states are
-    restored afterwards, so the training loop's own random stream is not disturbed; CUDA generators
-    are never touched."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.saved = None
-        if torch.utils.data.get_worker_info() is None:
-            self.saved = (torch.default_generator.get_state(), random.getstate(), np.random.get_state())
-        torch.default_generator.manual_seed(self.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            torch.default_generator.set_state(self.saved[0])
-            random.setstate(self.saved[1])
-            np.random.set_state(self.saved[2])
-        return False
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -246,14 +209,14 @@ def cass_pipeline(table, rows, img_size, extra, device, gpu: bool):
     on `device`. gpu=True: gpu_aug's UInt8Dataset + CassGpuAugment (imported only then); gpu=False:
     ImageDataset + cass_augment (PIL in the loader's workers)."""
     if gpu:
-        from gpu_aug import CassGpuAugment, UInt8Dataset
+        from pipeline.gpu_aug import CassGpuAugment, UInt8Dataset
         return _with_prepare(UInt8Dataset(table, rows, CassGpuAugment(img_size, extra)), device)
     return _with_prepare(ImageDataset(table, rows, cass_augment(img_size, extra)), device)
 
 
 def eval_pipeline(table, rows, img_size, device, gpu: bool):
     if gpu:
-        from gpu_aug import Normalize, UInt8Dataset
+        from pipeline.gpu_aug import Normalize, UInt8Dataset
         return _with_prepare(UInt8Dataset(table, rows, Normalize(img_size)), device)
     return _with_prepare(ImageDataset(table, rows, eval_transform(img_size)), device)
 
@@ -261,9 +224,9 @@ def eval_pipeline(table, rows, img_size, device, gpu: bool):
 def dino_pipeline(table, rows, args, device, gpu: bool):
     """(dataset, prepare) for DINO: prepare(batch) -> list of 2 + local_crops device tensors."""
     if gpu:
-        from gpu_aug import DinoGpuMultiCrop, UInt8Dataset
+        from pipeline.gpu_aug import DinoGpuMultiCrop, UInt8Dataset
         aug = DinoGpuMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
         return _with_prepare(UInt8Dataset(table, rows, aug), device)
-    from dino_crops import DinoMultiCrop
+    from pipeline.dino_crops import DinoMultiCrop
     tf = DinoMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
     return _with_prepare(ImageDataset(table, rows, tf), device)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -30,7 +30,9 @@ class Job:
         return bool(self.done) and all((ROOT / self.out / f).exists() for f in self.done)
 
     def command(self) -> str:
-        return " ".join(shlex.quote(a) for a in ["python", *self.argv])
+        """The command line a user would type: `python SCRIPT.py ...` or `python -m PACKAGE.MODULE ...`."""
+        head = ["python"] if self.argv[0].endswith(".py") else ["python", "-m"]
+        return " ".join(shlex.quote(a) for a in [*head, *self.argv])
 
 
 
@@ -38,6 +40,11 @@ RUN_KINDS = ("cass", "dino", "finetune")
 SCRIPTS = ("finetune", "pretrain_cass", "pretrain_dino")
 JOBS_PER_WORKER = 25  # then a fresh worker process: no slow leaks
 STOP_TIMEOUT = 120  # seconds the running jobs get to save a checkpoint after SIGTERM / Ctrl-C
+
+
+def module_of(script: str) -> str:
+    """The module a job's argv[0] names: a top-level script (finetune.py) or a dotted module (study.tables)."""
+    return script[:-3] if script.endswith(".py") else script
 
 
 def _worker_init(threads: int):
@@ -64,18 +71,17 @@ def run_in_worker(argv: list, log_path) -> int:
     import contextlib
     import gc
     import importlib
+    import signal
     import traceback
 
-    import signal
-
-    from common import exit_status
+    from runtime.cli import exit_status
     with contextlib.ExitStack() as stack:
         if log_path:
             f = stack.enter_context(open(log_path, "a", buffering=1))
             stack.enter_context(contextlib.redirect_stdout(f))
             stack.enter_context(contextlib.redirect_stderr(f))
         try:
-            rc = importlib.import_module(Path(argv[0]).stem).main(argv[1:]) or 0
+            rc = importlib.import_module(module_of(argv[0])).main(argv[1:]) or 0
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception as e:  # (a stop on Ctrl-C / SIGTERM comes after the run saved its checkpoint)
@@ -89,8 +95,8 @@ def run_in_worker(argv: list, log_path) -> int:
         finally:  # the next job in this worker starts with the usual signal behaviour
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if "loading" in sys.modules:  # and without this job's loaders: their worker processes stopped
-                sys.modules["loading"].close_loaders()
+            if "pipeline.loading" in sys.modules:  # and without this job's loaders: their worker processes stopped
+                sys.modules["pipeline.loading"].close_loaders()
     gc.collect()
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         sys.modules["torch"].cuda.empty_cache()

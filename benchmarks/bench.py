@@ -53,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STEP_NAMES = ["cass_step", "dino_step_cnn", "dino_step_vit", "cass_vs_dino", "finetune_step_cnn",
@@ -90,7 +90,7 @@ def get_args(argv=None):
                         "--gpu-aug on the CPU runs the same code on CPU tensors)")
     p.add_argument("--tmp", default=None, help="folder for the synthetic JPEGs and their cache (default: a temp dir)")
     args = p.parse_args(argv)
-    from common import pick_device
+    from runtime.cli import pick_device
     args.device = pick_device(args.device)
     cuda = args.device.type == "cuda"
     args.steps = args.steps or (20 if cuda else 3)
@@ -286,7 +286,7 @@ def data_table(args, tmp: Path):
 
 def loader_rate(ds, bs, workers, device, min_images):
     """Images/s of iterating a loader over ds (first batch excluded: worker start-up)."""
-    from loading import make_loader
+    from pipeline.loading import make_loader
     loader = make_loader(ds, bs, shuffle=True, workers=workers, device=device,
                          generator=torch.Generator().manual_seed(1))
     n, t0, first = 0, None, True
@@ -303,10 +303,10 @@ def loader_rate(ds, bs, workers, device, min_images):
 
 
 def bench_data(args, name, tmp):
-    from decoded_cache import cached_table
-    from loading import ImageDataset
-    from transforms import cass_augment
-    from gpu_aug import CASS_UNIFORMS, UInt8Dataset
+    from pipeline.decoded_cache import cached_table
+    from pipeline.gpu_aug import CASS_UNIFORMS, UInt8Dataset
+    from pipeline.loading import ImageDataset
+    from pipeline.transforms import cass_augment
     S = args.data_size
     table = data_table(args, tmp)
     w = args.workers
@@ -339,8 +339,8 @@ def bench_data(args, name, tmp):
 # ---------------------------------------------------------------- device-side augmentation and end to end
 
 def bench_gpu_aug(args, kind):
-    import gpu_aug as G
-    from dino_crops import dino_cache_size
+    from pipeline import gpu_aug as G
+    from pipeline.dino_crops import dino_cache_size
     reset_peak(args.device)
     if kind == "cass":
         aug, S = G.CassGpuAugment(args.img_size), args.img_size
@@ -358,9 +358,9 @@ def bench_gpu_aug(args, kind):
 
 def bench_e2e(args, name, tmp):
     """Training steps fed by the real loader from the decoded cache (cycled over epochs)."""
-    from decoded_cache import cached_table
-    from dino_crops import dino_cache_size
-    from loading import cass_pipeline, dino_pipeline, make_loader
+    from pipeline.decoded_cache import cached_table
+    from pipeline.dino_crops import dino_cache_size
+    from pipeline.loading import cass_pipeline, dino_pipeline, make_loader
     table = data_table(args, tmp)
     gpu = args.device.type == "cuda" if args.gpu_aug is None else args.gpu_aug
     reset_peak(args.device)

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from common import atomic_save_figure, atomic_write
+from runtime.files import atomic_save_figure, atomic_write
 
 
 def compute_metrics(y_true, probs, class_names, multilabel: bool, threshold: float = 0.5) -> dict:

@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, atomic_write_json
-from images import array_to_rgb, load_rgb
+from pipeline.images import array_to_rgb, load_rgb
+from runtime.errors import UserError
+from runtime.files import atomic_write_json
 
 THUMB = 16
 NEAR_THRESHOLD = 0.005

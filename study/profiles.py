@@ -7,7 +7,6 @@ to backbones, methods and label fractions. What each mode runs is in study.py.""
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-
 # Data sets read from a root (paper mode, and the CPU study of each real data set):
 # name -> (environment variable, flag, what it is)
 DATA_ROOTS = {

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (Interrupted, UserError, atomic_torch_save, atomic_write_json, atomic_write_text, load_error_reason,
-                    seed_everything)
-from distributed import all_gather_objects, all_reduce_sum, barrier, is_main, rank, world_size
-
+from runtime.cli import load_error_reason, seed_everything
+from runtime.distributed import all_gather_objects, all_reduce_sum, barrier, is_main, rank, world_size
+from runtime.errors import Interrupted, UserError
+from runtime.files import atomic_torch_save, atomic_write_json, atomic_write_text
 
 # ---------------------------------------------------------------- run folders
 

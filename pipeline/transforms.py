@@ -4,7 +4,7 @@ versions of both: gpu_aug.py)."""
 
 from torchvision import transforms as T
 
-from common import UserError
+from runtime.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

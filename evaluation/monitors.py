@@ -135,8 +135,8 @@ def plot_run(run_dir, out_png=None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common import atomic_save_figure
-    from runs import read_csv_log
+    from runtime.files import atomic_save_figure
+    from runtime.runs import read_csv_log
     run_dir = Path(run_dir)
     rows = read_csv_log(run_dir / "log.csv")
     if not rows:

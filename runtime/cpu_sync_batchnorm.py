@@ -6,7 +6,7 @@ import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from distributed import world_size
+from runtime.distributed import world_size
 
 
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

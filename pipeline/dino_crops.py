@@ -11,8 +11,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from common import UserError
-from transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from runtime.errors import UserError
 
 
 class PILGaussianBlur:

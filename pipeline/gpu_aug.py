@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loading import item_seed
-from transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.seeds import item_seed
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (PIL's L: 0.299, 0.587, 0.114)
 

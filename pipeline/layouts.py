@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
-from datasets import IMAGE_EXTS, ImageTable, _class_folders, _from_files, _need_dir, is_junk, load_folder
+from pipeline.table import IMAGE_EXTS, ImageTable, _class_folders, _from_files, _need_dir, is_junk, load_folder
+from runtime.errors import UserError
 
 
 def load_brain_mri(root) -> ImageTable:

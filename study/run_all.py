@@ -34,9 +34,9 @@ import sys
 import time
 from dataclasses import replace
 
-from job_runner import RUN_KINDS, STOP_TIMEOUT, Job, execute
-from profiles import DATA_ROOTS, PROFILES, Profile
-from study import TableDef, finetune_dir, pretrain_dir, pretrain_seed, study
+from study.cells import TableDef, finetune_dir, pretrain_dir, pretrain_seed, study
+from study.job_runner import RUN_KINDS, STOP_TIMEOUT, Job, execute
+from study.profiles import DATA_ROOTS, PROFILES, Profile
 
 # ---------------------------------------------------------------- the plan
 
@@ -71,7 +71,7 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
 
     def add_data(data):
         out = prof.runs / "data" / data
-        add(Job("data", out, ["run_all.py", "prepare-data", data, *([roots[data]] if data in roots else [])]))
+        add(Job("data", out, ["study.run_all", "prepare-data", data, *([roots[data]] if data in roots else [])]))
         return (str(out),)
 
     def add_pretrain(src, seed):
@@ -133,8 +133,8 @@ def prepare_data(data: str, root: str = None):
     """A data job (`python run_all.py prepare-data DATA [ROOT]`): read the data set once (generating
     the synthetic ones) and make its saved split before any training, so that a wrong data root fails
     at once and parallel runs never generate the same data twice."""
-    from common import run_cli
     from datasets import get_split, load_table
+    from runtime.cli import run_cli
 
     def go():
         t = load_table(data, root)
@@ -164,7 +164,7 @@ def maps_job(prof: Profile, td: TableDef, roots: dict) -> Job:
 
 def tables_job(prof: Profile) -> Job:
     return Job("tables", prof.results,
-               ["tables.py", "--mode", prof.name, "--runs", str(prof.runs), "--out", str(prof.results)],
+               ["study.tables", "--mode", prof.name, "--runs", str(prof.runs), "--out", str(prof.results)],
                log=prof.runs / "logs" / "tables.log")
 
 

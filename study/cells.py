@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import paper_results as PR
-from profiles import (CASS_OPTIONS, CLAIM_BATCH_SIZES, CLAIM_EPOCHS, CLASS_WEIGHTS, CPU_IMG, METHOD_LABEL, NO_IMAGENET,
-                      Profile, frac_label, label)
+from study import paper_results as PR
+from study.profiles import (CASS_OPTIONS, CLAIM_BATCH_SIZES, CLAIM_EPOCHS, CLASS_WEIGHTS, CPU_IMG, METHOD_LABEL,
+                            NO_IMAGENET, Profile, frac_label, label)
 
 # ---------------------------------------------------------------- settings
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import UserError, load_error_reason
+from runtime.cli import load_error_reason
+from runtime.errors import UserError
 
 
 def head_prefixes(model: nn.Module):

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-import paper_results as PR
-import profiles as P
-import study as S
-from common import atomic_save_figure, atomic_write_text
-from monitors import COLLAPSE_FRAC, arms_of
-from aggregate import read_metrics
-from run_index import Runs, read_json, read_log
+from evaluation.monitors import COLLAPSE_FRAC, arms_of
+from runtime.files import atomic_save_figure, atomic_write_text
+from study import cells as S
+from study import paper_results as PR
+from study import profiles as P
+from study.aggregate import read_metrics
+from study.run_index import Runs, read_json, read_log
 
 DASH = "—"
 

@@ -5,7 +5,7 @@ and the decoded-image cache are in decoded_cache.py."""
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from common import UserError
+from runtime.errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # (PIL's default, made sure of) a truncated file is an error, never padded
 

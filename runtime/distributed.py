@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import tqdm
 
-from errors import UserError
-
+from runtime.errors import UserError
 
 DEFAULT_TIMEOUT_MIN = 60  # rank 0 alone builds the decoded-image cache while the others wait (ISIC: minutes)
 

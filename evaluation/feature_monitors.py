@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from monitors import even_spread, spread
+from evaluation.monitors import even_spread, spread
 
 
 def effective_rank(feats: torch.Tensor, eps: float = 1e-7) -> float:
@@ -34,7 +34,7 @@ def knn_accuracy(train_feats, train_y, test_feats, test_y, k=20, num_classes=Non
     k = min(k, len(train_feats))
     if num_classes is None:
         num_classes = train_y.shape[1] if multilabel else int(max(train_y.max(), test_y.max())) + 1
-    from probes import knn_probs
+    from evaluation.probes import knn_probs
     probs = knn_probs(train_feats, train_y, test_feats, k, num_classes, multilabel)
     if multilabel:
         return float(((probs > 0.5) == (test_y > 0.5)).mean())
@@ -55,8 +55,8 @@ class Monitor:
     continues exactly as it would without the monitor."""
 
     def __init__(self, table, split, img_size, device, n_bank=512, n_val=256, k=20, seed=0, bs=128):
-        from loading import ImageDataset
-        from transforms import eval_transform
+        from pipeline.loading import ImageDataset
+        from pipeline.transforms import eval_transform
         rng = np.random.default_rng(seed)
         train, val = np.asarray(split["train"]), np.asarray(split.get("val", []))
         bank = np.sort(rng.permutation(train)[:n_bank])
@@ -73,7 +73,7 @@ class Monitor:
 
     @torch.no_grad()
     def features(self, model, part: str) -> torch.Tensor:
-        from common import autocast
+        from runtime.cli import autocast
         was_training = model.training
         model.eval()
         out = []

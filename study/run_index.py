@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-import study as S
-from aggregate import aggregate
+from study import cells as S
+from study.aggregate import aggregate
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_json(path):

@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import file_lock
-from datasets import largest_remainder
-from synthetic_cells import render_image  # (the drawing of one image)
+from pipeline.synthetic_cells import render_image  # (the drawing of one image)
+from pipeline.table import largest_remainder
+from runtime.files import file_lock
 
 SYNTHETIC_VERSION = 2
 
