@@ -6,7 +6,7 @@
 #   bash bench_gpu.sh             # CUDA: the paper's models, random init, no download needed
 #   bash bench_gpu.sh --dry-run   # CPU, tiny models, 1 step: checks that every part runs and parses
 #
-# What it measures (bench.py, one JSON line per measurement, then a summary line):
+# What it measures (benchmarks/bench.py, one JSON line per measurement, then a summary line):
 #   1. the loader side per worker at 384 px: JPEG files vs the decoded cache (CPU transforms) vs the
 #      uint8 cache read of --gpu-aug, and the cache build;
 #   2. ResNet-50 + ViT-B/16 at 384 px, batch 16: the CASS step on a resident batch, CASS end to end
@@ -60,7 +60,7 @@ if (( (LIMITS[0] + LIMITS[1] + LIMITS[2] + LIMITS[3]) * SCALE > BUDGET )); then
 fi
 DEADLINE=$(( SECONDS + BUDGET ))
 
-# run SECONDS NAME bench.py-args...: one group under min(SECONDS, time left), its JSON lines to
+# run SECONDS NAME benchmarks/bench.py-args...: one group under min(SECONDS, time left), its JSON lines to
 # stdout and $LINES; a group with under 20 s left is skipped with a line saying so
 run() {
     local limit=$(( $1 * SCALE )) group=$2 left=$(( DEADLINE - SECONDS ))
@@ -75,7 +75,7 @@ run() {
     timeout --kill-after=10 "$limit" "$PY" -m benchmarks.bench "${COMMON[@]}" --tmp "$TMP/data" "$@" | tee -a "$LINES"
     local rc=${PIPESTATUS[0]}
     if [[ $rc != 0 ]]; then
-        printf '{"name": "%s", "error": "bench.py exited %s%s", "img_per_s": null, "peak_mem_mb": null}\n' \
+        printf '{"name": "%s", "error": "benchmarks/bench.py exited %s%s", "img_per_s": null, "peak_mem_mb": null}\n' \
             "$group" "$rc" "$([[ $rc == 124 || $rc == 137 ]] && echo ' (timed out)')" | tee -a "$LINES"
     fi
 }

@@ -1,7 +1,7 @@
 """Check a data set for copies before trusting its test scores.
 
 Reads the data set and its split exactly as the training scripts do (same loaders, junk handling,
-split file and seed) and reports what copies.py finds, the same copies the scripts use for the
+split file and seed) and reports what pipeline/copies.py finds, the same copies the scripts use for the
 clean test:
 - exact copies (identical bytes or identical decoded pixels) and near copies (re-encoded, resized,
   brightness/contrast changed), as groups;

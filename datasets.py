@@ -5,7 +5,7 @@ embedded synthetic one) into an `ImageTable`: sample ids, where each image lies,
 names; the class-per-folder trees (folder, dermofit) are read here, the other layouts in
 pipeline/layouts.py (imported only for them). `get_split` makes or reuses the saved train/val/test split,
 so CASS, DINO, supervised training and every fine-tuning seed see the same images. `load_data` does both for the shared
-flags, with the decoded-image cache and the bad-image checks of decoded_cache.py (imported only for
+flags, with the decoded-image cache and the bad-image checks of pipeline/decoded_cache.py (imported only for
 image files). The table type, the junk rule and the class-per-folder reader are in pipeline/table.py;
 from a table to batches: pipeline/loading.py; the transforms: pipeline/transforms.py.
 """
@@ -204,7 +204,7 @@ def _rows_of(table: ImageTable, ids) -> np.ndarray:
 def _full_split(table: ImageTable, path: Path, seed: int, resplit: bool) -> dict:
     """Load the split saved at `path`, or make and save it. Returns {'train'|'val'|'test': row indices}.
 
-    The copies in the data set (copies.py) are found first and saved beside the split file
+    The copies in the data set (pipeline/copies.py) are found first and saved beside the split file
     (`<split>.copies.json`); a split we make keeps every group of copies, and every group of
     `table.groups`, in one part. table.extra["copies"] holds them for load_data's clean test.
 

@@ -1,4 +1,4 @@
-"""timm backbones by name, their initialisation (ImageNet, random or a local weight file: weight_files.py),
+"""timm backbones by name, their initialisation (ImageNet, random or a local weight file: runtime/weight_files.py),
 input normalisation, BatchNorm synchronised under torchrun, the CASS option heads, and weight files
 saved in safetensors, which timm itself can load:
 

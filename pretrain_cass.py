@@ -276,7 +276,7 @@ def main(argv=None):
                "guard_fired": int(fired_n)}
         row.update(output_spreads(moments, n))  # spread of the normalised logits; 0 means collapse
         row["uniform_std"] = 1 / moments["cnn"].shape[1] ** 0.5  # what an even spread looks like
-        if monitor is not None:  # pooled features: spread, effective rank, online k-NN (monitors.py)
+        if monitor is not None:  # pooled features: spread, effective rank, online k-NN (evaluation/monitors.py)
             row.update(monitor.measure({"cnn": cnn, "vit": vit}))
         collapse.check(row, epoch, tqdm.write)
         log.append(row)

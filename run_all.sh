@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole CASS study, resumable: a thin wrapper around run_all.py (the planner).
+# The whole CASS study, resumable: a thin wrapper around study/run_all.py (the planner).
 #
 #   bash run_all.sh quick                     # synthetic miniature on CPU (< 15 min on 2 cores)
 #   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh cpu   # the brain-MRI study on real data (CPU, < 2 h)

@@ -1,9 +1,9 @@
 """Throughput and memory of every part of the pipeline, one JSON line per measurement on stdout.
 
-    python bench.py                                 # CPU: resnet18 + vit_tiny_patch16_224 at 64 px
-    python bench.py --device cuda                   # CUDA: resnet50 + vit_base_patch16_384 at 384 px, bs 16
-    python bench.py --only data_jpeg,data_cache --workers 0
-    python bench.py --device cuda --bs 64 --only cass_step
+    python -m benchmarks.bench                                 # CPU: resnet18 + vit_tiny_patch16_224 at 64 px
+    python -m benchmarks.bench --device cuda                   # CUDA: resnet50 + vit_base_patch16_384 at 384 px, bs 16
+    python -m benchmarks.bench --only data_jpeg,data_cache --workers 0
+    python -m benchmarks.bench --device cuda --bs 64 --only cass_step
 
 Measurements (--only takes a comma-separated list of these names):
   cass_step          one CASS iteration (pretrain_cass.cass_step) on a device-resident batch
@@ -18,8 +18,8 @@ Measurements (--only takes a comma-separated list of these names):
   data_jpeg          the CPU loader pipeline from JPEG files: decode + Resize + the CASS augmentations
   data_cache         the same from the decoded cache (Resize is then a no-op)
   data_uint8         the --gpu-aug loader: uint8 images from the cache + per-image random numbers
-  gpu_aug_cass       the CASS augmentations of gpu_aug.py on a batch already on the device
-  gpu_aug_dino       DINO's multi-crop of gpu_aug.py on a batch already on the device
+  gpu_aug_cass       the CASS augmentations of pipeline/gpu_aug.py on a batch already on the device
+  gpu_aug_dino       DINO's multi-crop of pipeline/gpu_aug.py on a batch already on the device
   cass_e2e           CASS training end to end: loader from the decoded cache (pinned, --workers),
   dino_e2e_cnn       augmentation (on the device with CUDA, else the CPU transforms), the step
   dino_e2e_vit
@@ -86,7 +86,7 @@ def get_args(argv=None):
                    help="synthetic JPEGs for the data measurements (default 48 on CPU, 256 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models of the step measurements")
     p.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-                   help="end-to-end measurements with the augmentation of gpu_aug.py (default: on CUDA only; "
+                   help="end-to-end measurements with the augmentation of pipeline/gpu_aug.py (default: on CUDA only; "
                         "--gpu-aug on the CPU runs the same code on CPU tensors)")
     p.add_argument("--tmp", default=None, help="folder for the synthetic JPEGs and their cache (default: a temp dir)")
     args = p.parse_args(argv)

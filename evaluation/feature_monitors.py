@@ -1,4 +1,4 @@
-"""The feature monitors of a pretraining run (monitors.py holds the rest and the plot): the pooled
+"""The feature monitors of a pretraining run (evaluation/monitors.py holds the rest and the plot): the pooled
 backbone features of a fixed sample of training images, measured after every epoch with --monitor
 (the default), give their spread, their effective rank and an online k-NN accuracy. Imported by the
 pretraining scripts only with --monitor.

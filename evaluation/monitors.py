@@ -9,10 +9,10 @@ learning one without fine-tuning anything:
   identical vectors have 0. Reported raw and as a fraction of 1/sqrt(d) (`*_frac`), for the
   outputs the loss compares (measured on the training batches) and for the pooled backbone features
   (measured on a fixed sample of training images).
-- effective rank (RankMe) and online k-NN accuracy of those pooled features (feature_monitors.py,
+- effective rank (RankMe) and online k-NN accuracy of those pooled features (evaluation/feature_monitors.py,
   imported only with --monitor).
 
-    python monitors.py runs/cass/brain-mri-...   # (re)draw monitors.png of finished or running runs
+    python -m evaluation.monitors runs/cass/brain-mri-...   # (re)draw monitors.png of finished or running runs
 """
 
 import argparse

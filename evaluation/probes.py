@@ -1,6 +1,6 @@
 """Frozen-feature evaluations: a k-nearest-neighbour vote and a linear probe on pooled backbone
 features (finetune.py --eval knn / linear; the k-NN vote is also the online monitor of the
-pretraining runs, monitors.py)."""
+pretraining runs, evaluation/monitors.py)."""
 
 import numpy as np
 

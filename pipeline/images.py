@@ -1,6 +1,6 @@
 """Image files: reading one as 8-bit RGB (grayscale, palette, alpha, 16-bit and float images
 included), with a one-line error naming a file that cannot be read. Finding all such files at once
-and the decoded-image cache are in decoded_cache.py."""
+and the decoded-image cache are in pipeline/decoded_cache.py."""
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError

@@ -3,7 +3,7 @@ transform, each item's random draws seeded by (epoch, row) (`item_seed`, `seeded
 `EpochSampler` gives an epoch's order, shared out over torchrun's processes; `make_loader` builds
 (and keeps, with worker processes) the DataLoader of an epoch. The pipelines (`cass_pipeline`,
 `eval_pipeline`, `dino_pipeline`) pair a dataset with `prepare`, which takes its batches to the
-device: with --gpu-aug (gpu_aug.py, imported only then) the augmentation runs there."""
+device: with --gpu-aug (pipeline/gpu_aug.py, imported only then) the augmentation runs there."""
 
 import atexit
 import functools

@@ -1,4 +1,4 @@
-"""How the synthetic images are drawn (synthetic.py makes the data set): cell shapes and their
+"""How the synthetic images are drawn (pipeline/synthetic.py makes the data set): cell shapes and their
 arrangements, the stroma, the H&E stain model, and render_image, which draws one field of view."""
 
 from typing import Callable, NamedTuple

@@ -1,6 +1,6 @@
 """The image transforms of CASS and of fine-tuning: the paper's CASS augmentation and the evaluation
-transform, torchvision on PIL images (DINO's multi-crop: dino_crops.py; the batched device
-versions of both: gpu_aug.py)."""
+transform, torchvision on PIL images (DINO's multi-crop: pipeline/dino_crops.py; the batched device
+versions of both: pipeline/gpu_aug.py)."""
 
 from torchvision import transforms as T
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.errors import Interrupted, UserError  # (defined apart to keep distributed.py free of this module)
+from runtime.errors import Interrupted, UserError  # (defined apart to keep runtime/distributed.py free of this module)
 
 
 def run_cli(main):
@@ -118,7 +118,7 @@ def add_data_args(g, *, decoding=False):
                             "(<cache-dir>/decoded: uint8 arrays resized to the input size, rebuilt when the files "
                             "change); data held in arrays (synthetic*, medmnist) is never cached")
         g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-                       help="augment on the device (gpu_aug.py): the loader only reads uint8 images, the random "
+                       help="augment on the device (pipeline/gpu_aug.py): the loader only reads uint8 images, the random "
                             "transforms run batched on the GPU, same distributions as the CPU path but not the "
                             "same pixels. Default: on with CUDA when the images are in an array (cache or "
                             "synthetic), off on the CPU (where --gpu-aug runs the same code on CPU tensors)")

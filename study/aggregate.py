@@ -1,8 +1,8 @@
 """Mean and standard deviation of test metrics over runs (the paper reports mean +- std over five
 seeds), read from the metrics.json files that finetune.py writes last in each finished run folder.
 
-    python aggregate.py "runs/finetune/synthetic-resnet18-*"            # a table, one row per group
-    python aggregate.py "runs/finetune/*" --metrics f1_macro balanced_accuracy --json
+    python -m study.aggregate "runs/finetune/synthetic-resnet18-*"            # a table, one row per group
+    python -m study.aggregate "runs/finetune/*" --metrics f1_macro balanced_accuracy --json
 
 Run folders are grouped by their name without the trailing -seed<N>, so the five seeds of one
 setting form one row. Folders without metrics.json (unfinished runs) are skipped and counted.

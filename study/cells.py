@@ -1,7 +1,7 @@
 """The study as data: each table of the paper (or of a smaller mode) as cells, one fine-tuning
 setting each (data set, backbone, label fraction, and where the weights come from: supervised from
-an init, a CASS arm, or a DINO backbone), with the paper's number beside it. run_all.py turns the
-cells into runs, tables.py reads the same cells back to build the tables.
+an init, a CASS arm, or a DINO backbone), with the paper's number beside it. study/run_all.py turns the
+cells into runs, study/tables.py reads the same cells back to build the tables.
 
 The settings (Cass, Dino, Finetune) know their command line and their run folder; a setting shared
 by several tables is one run."""
@@ -529,7 +529,7 @@ def _sweep_cells(prof: Profile, data: str, sweep: str, values, col, methods=("ca
                        else default_dino(prof, data, arch, **{sweep: v}))
                 cells.append(Cell(_arm_label(prof, method, arm), col(v), Finetune(data, arch, 1.0, src, arm),
                                   paper(v, arm) if paper and method == "cass" else None))
-    if prof.data == "pbc":  # the option beside the paper's recipe, at the base setting (profiles.py: a budget cut)
+    if prof.data == "pbc":  # the option beside the paper's recipe, at the base setting (study/profiles.py: a budget cut)
         base = getattr(prof, sweep)
         for arm in ("cnn", "vit"):
             src = default_cass(prof, data, **PREDICTOR_KW)
@@ -601,7 +601,7 @@ def claim5_study(prof: Profile) -> dict:
     note = ("Claim 5 (Table 1, Section 1): CASS works with the smallest data set, 198 images. Paper column: Table 1, "
             "autoimmune (198 multi-label biopsy images), ANOTHER DATA SET, ResNet-50 / ViT-B/16, 384 px, ImageNet init, "
             "100 epochs: for orientation and for the size of the paper's gaps. Table 1's 10% column is not run here "
-            "(a budget cut: profiles.py).")
+            "(a budget cut: study/profiles.py).")
     return {"claim5_small_data": TableDef(
         "claim5_small_data", f"Claim 5, the smallest data regime, {prof.title} (ours: {label(prof.cnn)} / "
         f"{label(prof.vit)}, {CPU_IMG} px, random init, {prof.epochs} pretraining epochs, CPU, fine-tuned to "
@@ -652,7 +652,7 @@ def claim6_study(prof: Profile) -> dict:
                            paper_label=f"paper on {paper_data}, another data set",
                            note=f"Paper column: {spec['title']}, ResNet-50 / ViT-B/16, 384 px, ImageNet init, 100 "
                                 "epochs: another data set and scale, for the size of the paper's gap. A blank cell: an "
-                                "arm the claim is not about, not run (a budget cut: profiles.py).")
+                                "arm the claim is not about, not run (a budget cut: study/profiles.py).")
     return t
 
 

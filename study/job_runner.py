@@ -1,4 +1,4 @@
-"""Running the plan of run_all.py: jobs on worker processes that import the scripts once and call
+"""Running the plan of study/run_all.py: jobs on worker processes that import the scripts once and call
 each script's main() with the arguments of its command line, several at a time, each job as soon as
 what it needs exists; a stop on SIGTERM / Ctrl-C passed on to every running job."""
 

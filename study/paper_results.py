@@ -1,10 +1,10 @@
 """The numbers the CASS paper reports, typed in from its text (Singh & Cirrone, "Cross-Architectural
 Positive Pairs improve the effectiveness of Self-Supervised Learning", 2023), as data for the
-"paper" column of tables.py.
+"paper" column of study/tables.py.
 
 Every value is a (mean, spread) pair exactly as printed. The paper says it reports "mean results
 with variance" over five seeds (Appendix C.5.1), so the spread may be a variance rather than a
-standard deviation; our tables give the sample standard deviation (see tables.py).
+standard deviation; our tables give the sample standard deviation (see study/tables.py).
 
 Conventions:
     arm "cnn"  the CNN (first) arm of CASS, or the CNN backbone of DINO / supervised training

@@ -2,7 +2,7 @@
 cpu-pbc200, and the claim modes of results/claims.md: claim3-batch, claim3-batch-mri, claim4-epochs,
 claim5-small-data, claim6-ablations): each one's default
 backbones, batch, epochs, seeds and the flags every run of the mode gets; and the names tables give
-to backbones, methods and label fractions. What each mode runs is in study.py."""
+to backbones, methods and label fractions. What each mode runs is in study/cells.py."""
 
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -5,18 +5,18 @@
     bash run_all.sh paper table1 table7 fig2 # only these
     bash run_all.sh paper --dry-run          # list the plan, run nothing (or DRY_RUN=1)
 
-Each table of the paper is defined once, in study.py, as cells: one fine-tuning setting each
+Each table of the paper is defined once, in study/cells.py, as cells: one fine-tuning setting each
 (data set, backbone, label fraction, and where the weights come from: supervised from an init, a
-CASS arm, or a DINO backbone), with the paper's number beside it; the modes are in profiles.py. The
+CASS arm, or a DINO backbone), with the paper's number beside it; the modes are in study/profiles.py. The
 planner here turns the cells into commands of pretrain_cass.py, pretrain_dino.py and finetune.py, one per seed, each with its own
-output folder under runs/<mode>/; tables.py reads the same cells back to build the tables.
+output folder under runs/<mode>/; study/tables.py reads the same cells back to build the tables.
 
 Idempotent and resumable: a fine-tuning run whose metrics.json exists and a pretraining run whose
 weight files exist are skipped; any other run is (re)started with the same command and output
 folder, and the scripts themselves resume from their last checkpoint. So a sweep that died halfway
 is finished by running the same command again.
 
-The runs are executed (job_runner.py) by --jobs worker processes that import the scripts once and call each
+The runs are executed (study/job_runner.py) by --jobs worker processes that import the scripts once and call each
 script's main() with exactly the arguments of the command the plan prints (importing torch and timm
 costs seconds, and the quick mode has 56 runs); each run's output goes to <run folder>/run_all.log.
 Every printed command can also be run by hand.
@@ -130,7 +130,7 @@ def plan(prof: Profile, names, roots: dict, log=print) -> list:
 
 
 def prepare_data(data: str, root: str = None):
-    """A data job (`python run_all.py prepare-data DATA [ROOT]`): read the data set once (generating
+    """A data job (`python -m study.run_all prepare-data DATA [ROOT]`): read the data set once (generating
     the synthetic ones) and make its saved split before any training, so that a wrong data root fails
     at once and parallel runs never generate the same data twice."""
     from datasets import get_split, load_table

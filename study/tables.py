@@ -1,15 +1,15 @@
 """The paper's tables and Figure 2 from the run folders, ours beside the paper's numbers.
 
-    python tables.py --mode quick            # runs/quick  -> results/quick
-    python tables.py --mode paper            # runs/paper  -> results/paper
+    python -m study.tables --mode quick            # runs/quick  -> results/quick
+    python -m study.tables --mode paper            # runs/paper  -> results/paper
 
-Every run folder under --runs is read (config.json, metrics.json, log.csv; run_index.py), and each
+Every run folder under --runs is read (config.json, metrics.json, log.csv; study/run_index.py), and each
 finished fine-tuning run is matched to the table cells of study.study() by what it is: data set, backbone,
 label fraction and where its weights came from (supervised from an init, or the pretraining run
 whose config.json sits beside the --weights file: CASS with its arm, pair, batch size, epochs,
 init (and arm 1's own), augmentations, CNN optimiser, head activation and options, or DINO with its architecture, batch size,
 epochs and init). The folder names do not matter. A cell shows the mean ± sample standard deviation
-(ddof=1, aggregate.py) over the seeds found, with n; "—" marks a cell with no finished run.
+(ddof=1, study/aggregate.py) over the seeds found, with n; "—" marks a cell with no finished run.
 
 The metric is the paper's for each data set (Appendix D.1): F1 (macro) for autoimmune, Dermofit and
 brain MRI, balanced accuracy for ISIC 2019; F1 (macro) for the synthetic miniature.
@@ -300,7 +300,7 @@ def study_sources(tables: dict) -> set:
 
 
 def build_monitor_table(runs: Runs, out_dir: Path, keys=None):
-    """The label-free monitors (monitors.py) of every pretraining run found (of the settings `keys`
+    """The label-free monitors (evaluation/monitors.py) of every pretraining run found (of the settings `keys`
     only, when given): first and last epoch per arm, the epoch of the collapse warning, and each run's
     monitors.png copied to figures/monitors/. Returns (markdown, csv, number of runs)."""
     header = ["Run", "Arm", "Epochs", "Loss (epoch 1 → last)", "Output spread / even (epoch 1 → last)",
@@ -404,7 +404,7 @@ def titled(td) -> str:
 
 
 def cpu_data_banner(prof) -> str:
-    """The head of tables.md for the CPU study of a data set other than brain MRI (profiles.py)."""
+    """The head of tables.md for the CPU study of a data set other than brain MRI (study/profiles.py)."""
     paper = (f"The paper columns are its {prof.paper_table.replace('table', 'Table ')} on "
              f"{PR.MAIN[prof.paper_table]['title'].split(' (')[0]}, ANOTHER DATA SET (and ResNet-50 / ViT-B/16, "
              "384 px, ImageNet init, 100 epochs, an RTX 8000): the nearest the paper has, shown for orientation, "
@@ -416,7 +416,7 @@ def cpu_data_banner(prof) -> str:
 
 
 def claim_banner(prof) -> str:
-    """The head of tables.md for a mode of the claims ledger (profiles.py, CLAIM_MODES)."""
+    """The head of tables.md for a mode of the claims ledger (study/profiles.py, CLAIM_MODES)."""
     return (f"**The paper's claim {prof.claim.split('-')[0]}, tested at CPU scale** ({prof.title}): "
             f"{P.label(prof.cnn)} and {P.label(prof.vit)} at {S.CPU_IMG} px from random init on a 2-core CPU "
             f"(docs/run_all.md, \"The claim modes\", mode {prof.name}; the verdicts are in results/claims.md). Rows "
@@ -448,7 +448,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         summary[name] = (filled, total)
         head = f"## {name}: {titled(td)}\n\n"
         if td.kind == "options":
-            head += ("Per option and arm: the monitors of the last pretraining epoch (monitors.py), frozen pooled "
+            head += ("Per option and arm: the monitors of the last pretraining epoch (evaluation/monitors.py), frozen pooled "
                      "features with 100% of the labels (test accuracy: cosine 20-NN vote, logistic regression), "
                      "end-to-end fine-tuning with 1% and 10% of the labels (test F1 macro, mean ± sample std over "
                      "seeds, n = finished runs), and the mean pretraining seconds per epoch.\n\n")
@@ -489,7 +489,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
     md, cs, n_mon = build_monitor_table(runs, out_dir, study_sources(study))
     if n_mon:
         section = ("## monitors: label-free monitors of the pretraining runs\n\n"
-                   "Per epoch in each run's log.csv (monitors.py): the spread of the L2-normalised outputs the loss "
+                   "Per epoch in each run's log.csv (evaluation/monitors.py): the spread of the L2-normalised outputs the loss "
                    "compares (training batches) and of the pooled backbone features (a fixed sample of training "
                    "images), as a fraction of an even spread 1/sqrt(d) (0 = every image gives the same vector); the "
                    "effective rank (RankMe) of those features; and a cosine 20-NN accuracy of a fixed validation "
@@ -501,7 +501,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         summary["monitors"] = (n_mon, n_mon)
     banner = (f"# Results ({mode} mode)\n\n" + (
         "**Synthetic-data miniature.** timm's tiny test_resnet and test_vit at 64 px, random init, a few epochs on "
-        "a CPU, on the embedded synthetic microscopy data (run_all.py, the QUICK profile). They show what each "
+        "a CPU, on the embedded synthetic microscopy data (study/run_all.py, the QUICK profile). They show what each "
         "method learns at this scale; they do NOT reproduce the paper's numbers, and the paper has no synthetic "
         "data (its columns are n/a).\n\n"
         if quick else
@@ -513,7 +513,7 @@ def build_all(mode: str, runs_dir, out_dir, prof=None):
         claim_banner(prof) if prof.claim else
         cpu_data_banner(prof) if prof.data else
         "Our runs on the paper's data sets beside the numbers the paper prints. \"—\" marks cells with no finished "
-        "run.\n\n") + f"Generated by `python tables.py --mode {mode}` from `{runs_dir}`.\n\n")
+        "run.\n\n") + f"Generated by `python -m study.tables --mode {mode}` from `{runs_dir}`.\n\n")
     atomic_write_text(out_dir / "tables.md", banner + "\n".join(sections))
     return summary
 

@@ -1,4 +1,4 @@
-"""Copies across splits (copies.py, datasets.get_split, check_data.py) and the clean test of finetune.py:
+"""Copies across splits (pipeline/copies.py, datasets.get_split, check_data.py) and the clean test of finetune.py:
 one planted copy of each kind the docs claim to catch, the kinds they say are not caught, splits that
 never leak a group, and metrics on the clean test checked against scikit-learn."""
 

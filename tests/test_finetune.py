@@ -1,4 +1,4 @@
-"""finetune.py and aggregate.py: metrics against scikit-learn, the labelled subset, early stopping,
+"""finetune.py and study/aggregate.py: metrics against scikit-learn, the labelled subset, early stopping,
 starting weights, errors, command-line runs on the synthetic data, frozen-feature evaluations and
 resume.
 

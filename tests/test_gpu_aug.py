@@ -1,4 +1,4 @@
-"""gpu_aug.py, run on CPU tensors: the device path draws its parameters from the same distributions
+"""pipeline/gpu_aug.py, run on CPU tensors: the device path draws its parameters from the same distributions
 as the CPU path's torchvision transforms (recorded from the real chain), its pixel operations are
 torchvision's tensor operations, it is the identity (resize + normalise) when every probability is
 0, the loader side yields uint8 images with per-image random numbers seeded by (epoch, row), and the

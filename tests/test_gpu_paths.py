@@ -204,7 +204,7 @@ def test_run_all_worker_releases_the_loaders_of_a_finished_job(tmp_path, monkeyp
     assert not any(w.is_alive() for w in loader_job.WORKERS)
 
 
-# ---------------------------------------------------------------- 9. bench_gpu.sh's budget, bench.py's memory figures
+# ---------------------------------------------------------------- 9. bench_gpu.sh's budget, benchmarks/bench.py's memory figures
 
 def test_bench_gpu_group_limits_add_up_to_at_most_the_budget():
     import re

@@ -1,4 +1,4 @@
-"""monitors.py and feature_monitors.py: spread, effective rank, online k-NN, the collapse warning, and
+"""evaluation/monitors.py and evaluation/feature_monitors.py: spread, effective rank, online k-NN, the collapse warning, and
 their place in the pretraining runs' log.csv (CASS and DINO)."""
 
 import json

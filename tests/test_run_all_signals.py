@@ -1,4 +1,4 @@
-"""Stopping run_all.py, through its command line, on a sweep of three short runs (tests/tiny_sweep.py):
+"""Stopping study/run_all.py, through its command line, on a sweep of three short runs (tests/tiny_sweep.py):
 SIGTERM to its main process or Ctrl-C to its process group reaches every worker once, each running
 run saves a checkpoint, the main process exits with 128 + the signal and leaves no process behind,
 and the same command then ends with the results of an uninterrupted sweep. A second signal or

@@ -1,4 +1,4 @@
-"""tables.py on run folders written by hand in a temporary directory: cells are matched by what the
+"""study/tables.py on run folders written by hand in a temporary directory: cells are matched by what the
 runs are (config.json), means and sample standard deviations over seeds, missing and unfinished
 cells marked, the paper's column, Table 2 times summed from log.csv, Figure 2 drawn."""
 
@@ -211,7 +211,7 @@ def test_figure2_draws_what_exists(tmp_path):
 
 
 def test_relative_weight_paths_resolve_from_the_repository_layout(tmp_path, monkeypatch):
-    """run_all.py writes --weights relative to the repository root (runs/<mode>/...)."""
+    """study/run_all.py writes --weights relative to the repository root (runs/<mode>/...)."""
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs" / "quick"
     write_run(runs / "synthetic" / "cass" / "x", cass_config("synthetic", cnn="test_resnet", vit="test_vit", bs=16),

@@ -1,12 +1,12 @@
-"""run_all.py's command line with one more mode, `tiny`: a sweep of a few short runs on the synthetic
+"""study/run_all.py's command line with one more mode, `tiny`: a sweep of a few short runs on the synthetic
 data, for the tests of how run_all stops (test_run_all_signals.py).
 
-    python tests/tiny_sweep.py tiny --runs R --results S [any run_all.py flag]
+    python tests/tiny_sweep.py tiny --runs R --results S [any study/run_all.py flag]
 
 The plan: the data job, one CASS pretraining (timm's test_resnet + test_vit at 32 px, 64 images), then
 two fine-tunings of test_resnet on 5% of the labels, one from the CASS CNN arm and one from random init
 (the latter runs beside the pretraining with --jobs 2), then the tables. Run as a script, this file
-is also the main module of run_all's spawned workers, so the mode exists there too (tables.py).
+is also the main module of run_all's spawned workers, so the mode exists there too (study/tables.py).
 
 TINY_STUBBORN=N puts N jobs first that ignore SIGTERM and sleep, as a run stuck in a long step.
 
@@ -69,7 +69,7 @@ def wait_for_the_supervised_run(stop_if_asked):
 if "tiny" not in P.PROFILES:  # (this file runs twice in a worker: as its main module and as a job's module)
     P.PROFILES["tiny"] = TINY
     _study, _plan = S.study, RA.plan
-    S.study = RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)  # (tables.py, run_all)
+    S.study = RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)  # (study/tables.py, run_all)
     RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
     R.TrainingGuard.stop_if_asked = wait_for_the_supervised_run(R.TrainingGuard.stop_if_asked)
 
