@@ -29,8 +29,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 @pytest.fixture(scope="session", autouse=True)
 def cass_cache(tmp_path_factory):
-    """A per-session cache folder for generated data, exported to subprocesses."""
-    cache = os.environ.get("CASS_TEST_CACHE") or str(tmp_path_factory.mktemp("cass_cache"))
+    """A per-session cache folder for generated data, exported to subprocesses. Under pytest-xdist the
+    workers share one (the generator makes the data once, under a lock)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "cass_cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "cass_cache"
+    shared.mkdir(exist_ok=True)
+    cache = os.environ.get("CASS_TEST_CACHE") or str(shared)
     os.environ["CASS_CACHE"] = cache
     return Path(cache)
 
