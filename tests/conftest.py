@@ -25,6 +25,22 @@ HOOKS = ROOT / "tests" / "run_with_hooks.py"  # starts a script with the test ho
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared out, not N times all of them
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+# The files whose tests take longest, in that order, start first (the rest follow in their usual order):
+# with pytest-xdist's --dist loadfile (one worker takes a whole file, so its module fixtures run once)
+# the workers then end close together instead of one waiting for the other's last long file.
+SLOWEST_FIRST = ("test_run_all_signals.py", "test_distributed.py", "test_faults.py", "test_cass_options.py",
+                 "test_attention_maps.py", "test_run_all.py", "test_pretrain_cass.py", "test_norm.py",
+                 "test_copy_a_script.py", "test_dino.py", "test_imports.py", "test_datasets.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    first = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # (stable: a file's order is kept)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -179,6 +179,7 @@ faults = []  # set before each run: the hooks read the list at every step
 run_with_hooks.install_step_faults(faults)
 mine = lambda signum, frame: None
 signal.signal(signal.SIGTERM, mine)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (started in the background, SIGINT would be ignored)
 outcomes = {}
 for script, argv in tiny.items():
     main = importlib.import_module(script.removesuffix(".py")).main

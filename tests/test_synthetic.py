@@ -51,7 +51,7 @@ def test_the_workers_end_under_a_sigterm_handler_that_only_notes_the_signal(tmp_
     after a generation that ends well or one that fails in a worker. (The first chunk fails while the
     other worker renders the second: Pool.terminate's SIGTERM reached a worker in the middle of its
     chunk, which then waited for work for ever, and the generation with it.)"""
-    code = ("import signal, sys, synthetic; signal.signal(signal.SIGTERM, lambda *a: print('noted')); "
+    code = ("import signal, sys; from pipeline import synthetic; signal.signal(signal.SIGTERM, lambda *a: print('noted')); "
             "synthetic._generate_workers = lambda n: 2; render = synthetic._render_one; "
             "synthetic._render_one = lambda i: 1 / 0 if sys.argv[2] == 'True' and 10 <= i < 50 else render(i); "
             f"synthetic.ensure_synthetic(sys.argv[1], False, n_images={4 * synthetic.CHUNK}, size=32, progress=False); "
