@@ -20,6 +20,7 @@ LAYERS = ("pipeline", "runtime", "evaluation")  # what the scripts stand on
 ABOVE = ("study", "benchmarks")  # never under a script
 
 SMALL = ["--data", "synthetic", "--init", "random", "--img-size", "32", "--workers", "0", "--epochs", "1"]
+MONITOR = ["--monitor-bank", "32", "--monitor-val", "16"]
 CHAIN = f"""
 import json, sys
 from pathlib import Path
@@ -33,11 +34,12 @@ for name, script in [('pretrain_cass', pretrain_cass), ('pretrain_dino', pretrai
     except SystemExit as e:
         helps[name] = e.code
 small = {SMALL!r}
+MONITOR = {MONITOR!r}
 pretrain_cass.main([*small, '--cnn', 'test_resnet', '--vit', 'test_vit', '--bs', '16', '--limit-train', '32',
-                    '--out', 'cass'])
+                    *MONITOR, '--out', 'cass'])
 pretrain_dino.main([*small, '--arch', 'test_vit', '--bs', '8', '--limit-train', '16', '--local-size', '16',
                     '--local-crops', '2', '--out-dim', '256', '--hidden-dim', '64', '--bottleneck-dim', '32',
-                    '--out', 'dino'])
+                    *MONITOR, '--out', 'dino'])
 finetune.main([*small, '--arch', 'test_vit', '--weights', 'cass/vit.safetensors', '--bs', '16',
                '--label-frac', '0.1', '--out', 'ft'])
 attention_maps.main(['--data', 'synthetic', '--img-size', '32', '--arch', 'test_vit',

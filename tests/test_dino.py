@@ -294,7 +294,8 @@ def test_multicrop_views_and_sizes(n_local):
 
 SMALL = ["--data", "synthetic", "--init", "random", "--img-size", "32", "--local-size", "16",
          "--local-crops", "2", "--bs", "8", "--limit-train", "16", "--workers", "0",
-         "--out-dim", "1024", "--hidden-dim", "256", "--bottleneck-dim", "64"]  # a small head: fast on CPU
+         "--out-dim", "1024", "--hidden-dim", "256", "--bottleneck-dim", "64",  # a small head: fast on CPU
+         "--monitor-bank", "32", "--monitor-val", "16"]  # and a small monitor
 
 
 def dino(tmp_path, out, *extra, check=True, stop_after_epoch=None):

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 
 ARGS = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
         "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "2", "--limit-train", "32",
-        "--cnn-opt", "sgd"]
+        "--cnn-opt", "sgd", "--monitor-bank", "32", "--monitor-val", "16"]  # (a small monitor: a fraction of
+# the default's cost, which would be several times the training's here)
 LR, STEPS = 1e-3, 4
 
 
@@ -105,7 +106,7 @@ def test_only_rank_0_writes(runs):
 DINO = ["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--local-size", "16", "--local-crops", "2",
         "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32", "--init", "random", "--workers", "0",
         "--bs", "16", "--epochs", "2", "--limit-train", "40", "--optimizer", "sgd", "--lr", "0.5",
-        "--warmup-epochs", "0"]
+        "--warmup-epochs", "0", "--monitor-bank", "32", "--monitor-val", "16"]
 
 
 def test_dino_two_processes_match_one(tmp_path):

@@ -25,14 +25,16 @@ from runtime.runs import read_csv_log
 
 pytestmark = pytest.mark.slow  # subprocess runs of the scripts: minutes in all
 
+MONITOR = ["--monitor-bank", "32", "--monitor-val", "16"]  # (the default 512 + 256 images would cost
+# several times the training of these 64-image runs; the monitors are tested in test_monitors.py)
 TINY = {
     "pretrain_cass.py": (["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit",
                           "--img-size", "32", "--init", "random", "--workers", "0", "--bs", "16",
-                          "--epochs", "3", "--limit-train", "64"], ["cnn.safetensors", "vit.safetensors"]),
+                          "--epochs", "3", "--limit-train", "64", *MONITOR], ["cnn.safetensors", "vit.safetensors"]),
     "pretrain_dino.py": (["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--local-size", "16",
                           "--local-crops", "2", "--out-dim", "1024", "--hidden-dim", "256", "--bottleneck-dim",
                           "64", "--init", "random", "--workers", "0", "--bs", "16", "--epochs", "3",
-                          "--limit-train", "64"], ["backbone.safetensors"]),
+                          "--limit-train", "64", *MONITOR], ["backbone.safetensors"]),
     "finetune.py": (["--data", "synthetic", "--arch", "test_resnet", "--img-size", "32", "--init", "random",
                      "--workers", "0", "--bs", "32", "--epochs", "3", "--patience", "0", "--label-frac", "0.05"],
                     ["best.safetensors", "metrics.json"]),

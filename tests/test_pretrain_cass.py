@@ -9,7 +9,7 @@ from conftest import run_script
 from runtime.runs import read_csv_log
 
 SMALL = ["--data", "synthetic", "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32",
-         "--init", "random", "--workers", "0", "--bs", "16"]
+         "--init", "random", "--workers", "0", "--bs", "16", "--monitor-bank", "32", "--monitor-val", "16"]
 
 
 def cass(tmp_path, out, *extra, check=True, stop_after_epoch=None):

@@ -30,9 +30,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")]
 
 RUNS = Path("synthetic")
-CASS = RUNS / "cass" / "test_resnet+test_vit-bs16-ep12-random-seed0"  # (tests/tiny_sweep.py's runs)
+CASS = RUNS / "cass" / "test_resnet+test_vit-bs16-ep8-random-seed0"  # (tests/tiny_sweep.py's runs)
 SUPERVISED = RUNS / "finetune" / "supervised-random" / "test_resnet-frac0.05-seed0"
-FROM_CASS = RUNS / "finetune" / "cass-test_resnet+test_vit-bs16-ep12-random-cnn" / "test_resnet-frac0.05-seed0"
+FROM_CASS = RUNS / "finetune" / "cass-test_resnet+test_vit-bs16-ep8-random-cnn" / "test_resnet-frac0.05-seed0"
 
 
 class Sweep:

@@ -10,7 +10,7 @@ is also the main module of run_all's spawned workers, so the mode exists there t
 
 TINY_STUBBORN=N puts N jobs first that ignore SIGTERM and sleep, as a run stuck in a long step.
 
-The tests stop a sweep while both runs are in their training loops, so the CASS run (12 epochs of a
+The tests stop a sweep while both runs are in their training loops, so the CASS run (8 epochs of a
 fraction of a second each) must not end before the supervised run beside it has started training, on
 however fast a CPU: after its first epoch's checkpoint, it waits until that run has saved one too (or
 finished; at most a minute). This changes no number the runs compute."""
@@ -29,11 +29,12 @@ from study import job_runner as JR  # noqa: E402
 from study import profiles as P  # noqa: E402
 from study import run_all as RA  # noqa: E402
 
-EPOCHS = 12  # (of about 0.4 s each: a run lasts long enough to be stopped in the middle)
+EPOCHS = 8  # (of about 0.4 s each: a run lasts long enough to be stopped in the middle)
 TINY = replace(P.QUICK, name="tiny", cnn="test_resnet", vit="test_vit", seeds=(0,), pretrain_seeds=1,
                seeds_by_data=(), seeds_by_frac=(), ft_epochs_by_frac=(), ft_epochs_by_arch=(), class_weights="minmax",
                epochs=EPOCHS, bs=16, jobs=2,
-               cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0"),
+               cass_args=("--img-size", "32", "--limit-train", "64", "--workers", "0", "--monitor-bank", "32",
+                          "--monitor-val", "16"),
                ft_args=("--img-size", "32", "--epochs", str(EPOCHS), "--bs", "32", "--patience", "0",
                         "--workers", "0"))
 
