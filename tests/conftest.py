@@ -30,12 +30,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared
                           str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
-# The files whose tests take longest, in that order, start first (the rest follow in their usual order):
-# with pytest-xdist's --dist loadfile (one worker takes a whole file, so its module fixtures run once)
-# the workers then end close together instead of one waiting for the other's last long file.
-SLOWEST_FIRST = ("test_run_all_signals.py", "test_distributed.py", "test_faults.py", "test_cass_options.py",
-                 "test_attention_maps.py", "test_run_all.py", "test_pretrain_cass.py", "test_norm.py",
-                 "test_copy_a_script.py", "test_dino.py", "test_imports.py", "test_datasets.py")
+# The files whose tests take longest, in that order, start first (the rest follow in their usual order;
+# test_run_all_workers.py after test_distributed.py, so that by then the other worker has made the
+# uninterrupted sweep both sweep files compare with, tests/sweeps.py):
+# with pytest-xdist (-n; pytest.ini: --dist loadfile, one worker takes a whole file) the workers then end
+# close together instead of one waiting for the other's last long file.
+SLOWEST_FIRST = ("test_run_all_signals.py", "test_distributed.py", "test_run_all_workers.py", "test_faults.py",
+                 "test_finetune.py", "test_run_all.py", "test_cass_options.py", "test_imports.py",
+                 "test_pretrain_cass.py", "test_norm.py", "test_copy_a_script.py", "test_synthetic.py",
+                 "test_bad_input.py", "test_datasets.py", "test_dino.py", "test_monitors.py", "test_attention_maps.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
