@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runtime import runs as R  # noqa: E402
 from study import cells as S  # noqa: E402
 from study import job_runner as JR  # noqa: E402
 from study import profiles as P  # noqa: E402
@@ -72,7 +71,9 @@ if "tiny" not in P.PROFILES:  # (this file runs twice in a worker: as its main m
     _study, _plan = S.study, RA.plan
     S.study = RA.study = lambda prof: tiny_study(prof) if prof.name == "tiny" else _study(prof)  # (study/tables.py, run_all)
     RA.plan = lambda prof, names, roots, log=print: stubborn_jobs(prof) + _plan(prof, names, roots, log)
-    R.TrainingGuard.stop_if_asked = wait_for_the_supervised_run(R.TrainingGuard.stop_if_asked)
+    if __name__ != "__main__":  # (the runs train in the workers; the main process need not import torch)
+        from runtime import runs as R
+        R.TrainingGuard.stop_if_asked = wait_for_the_supervised_run(R.TrainingGuard.stop_if_asked)
 
 
 def main(argv):
