@@ -46,14 +46,20 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # (stable: a file's order is kept)
 
 
+def session_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this test session, shared by its pytest-xdist workers (beside their own temporary
+    folders): what is made in it once (under a lock) serves them all."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cass_cache(tmp_path_factory):
     """A per-session cache folder for generated data, exported to subprocesses. Under pytest-xdist the
     workers share one (the generator makes the data once, under a lock)."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent / "cass_cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "cass_cache"
-    shared.mkdir(exist_ok=True)
-    cache = os.environ.get("CASS_TEST_CACHE") or str(shared)
+    cache = os.environ.get("CASS_TEST_CACHE") or str(session_folder(tmp_path_factory, "cass_cache"))
     os.environ["CASS_CACHE"] = cache
     return Path(cache)
 
@@ -142,15 +148,18 @@ class ServedProcess:
 
 
 def start_script(script, *args, cwd, env=None, hooks=None, new_session=False):
-    """Start `python ROOT/SCRIPT ARGS...` (or, for a dotted module name, `python -m MODULE ARGS...`) in `cwd` with `env` (default this process's environment), or
+    """Start `python ROOT/SCRIPT ARGS...` in `cwd` with `env` (default this process's environment), or
     with hooks (a list of its flags, maybe empty) `python tests/run_with_hooks.py HOOKS... ROOT/SCRIPT
-    ARGS...`; stdin is empty, stdout and stderr are kept. Returns a ServedProcess of the script
+    ARGS...`; for a dotted module name (study.tables), `python -m MODULE ARGS...` as run from the
+    repository root. stdin is empty, stdout and stderr are kept. Returns a ServedProcess of the script
     server, or with CASS_TEST_SERVER=0 a subprocess.Popen."""
-    target = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]  # a script, or a module: study.tables
-    argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), *target, *map(str, args)]
     env = dict(os.environ if env is None else env)
-    if not script.endswith(".py"):  # (as run from the repository root)
+    if script.endswith(".py"):
+        target = [str(ROOT / script)]
+    else:
+        target = ["-m", script]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    argv = [*([str(HOOKS), *map(str, hooks)] if hooks is not None else []), *target, *map(str, args)]
     address = _Server.address()
     if address is None:
         return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,

@@ -5,7 +5,7 @@ processes through /proc, what a finished sweep made, and the uninterrupted sweep
 Every process of a sweep is found by its session: the main process is started in a new one, which
 its workers and their children inherit."""
 
-import fcntl
+import functools
 import json
 import os
 import re
@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, session_folder
+from runtime.files import file_lock
 
 RUNS = Path("synthetic")
 CASS = RUNS / "cass" / "test_resnet+test_vit-bs16-ep8-random-seed0"  # (tests/tiny_sweep.py's runs)
@@ -116,24 +117,19 @@ def straight(tmp_path_factory):
     """straight() gives the results of the sweep run without interruption. It is run once per test
     session, when first asked for, and shared by the pytest-xdist workers (under a lock, in a folder
     beside theirs); the tests ask for it last, after their own sweeps."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "straight-sweep"
-    made = {}
+    folder = session_folder(tmp_path_factory, "straight-sweep")
 
+    @functools.cache
     def get():
-        if "results" not in made:
-            folder.mkdir(exist_ok=True)
-            with open(folder / "lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (folder / "done").exists():
-                    s = Sweep(folder)
-                    try:
-                        assert s.wait() == 0, s.output()
-                    finally:
-                        s.kill_left()
-                    (folder / "done").touch()
-            made["results"] = results(folder)
-        return made["results"]
+        with file_lock(folder / "done"):
+            if not (folder / "done").exists():
+                s = Sweep(folder)
+                try:
+                    assert s.wait() == 0, s.output()
+                finally:
+                    s.kill_left()
+                (folder / "done").touch()
+        return results(folder)
     return get
 
 

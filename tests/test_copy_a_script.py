@@ -6,6 +6,7 @@ run, chained as a user would chain them (CASS -> fine-tuning -> attention maps).
 here; and no module outside them names them in an import."""
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_a_copied_script_runs_with_the_shared_modules_and_the_layers_below(tmp_p
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-c", CHAIN], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"helps": {s.removesuffix(".py"): 0 for s in SCRIPTS}, "above": []}
     for made in ("cass/cnn.safetensors", "cass/vit.safetensors", "dino/backbone.safetensors", "ft/metrics.json",
                  "check.json"):
