@@ -247,14 +247,18 @@ def main(argv=None):
         return prepare_data(*argv[1:])
     args, prof = get_args(argv)
     roots = roots_from(args)
-    if prof.data:  # a CPU study of one data set: nothing to run without it
-        env, flag, what = DATA_ROOTS[prof.data]
-        if prof.data not in roots:
-            print(f"run_all.sh {prof.name}: needs the {prof.data} data: set {env}=DIR or {flag} DIR ({what})",
+    # A CPU study of real data (one data set: prof.data; the brain-MRI modes: their tables' data sets) has nothing
+    # to run without its data; only paper mode skips the tables whose data is not given.
+    needed = ([prof.data] if prof.data else
+              sorted({d for td in study(prof).values() for d in table_datasets(td)}) if prof.data_roots_needed else [])
+    for data in needed:
+        env, flag, what = DATA_ROOTS[data]
+        if data not in roots:
+            print(f"run_all.sh {prof.name}: needs the {data} data: set {env}=DIR or {flag} DIR ({what})",
                   file=sys.stderr)
             return 2
-        if not os.path.exists(roots[prof.data]):
-            print(f"run_all.sh {prof.name}: {env} / {flag} {roots[prof.data]}: no such folder", file=sys.stderr)
+        if not os.path.exists(roots[data]):
+            print(f"run_all.sh {prof.name}: {env} / {flag} {roots[data]}: no such folder", file=sys.stderr)
             return 2
     if prof.data_roots_needed or prof.name == "paper":
         used = {d for td in study(prof).values() for d in table_datasets(td)}  # the mode's data sets only

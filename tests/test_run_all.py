@@ -239,12 +239,6 @@ def test_cpu_mode_plans_the_brain_mri_study(tmp_path):
     assert "study.tables --mode cpu" in proc.stdout
 
 
-def test_cpu_mode_without_its_data_root_runs_nothing(tmp_path):
-    proc = run_all("cpu", "--dry-run", "--runs", tmp_path / "runs")
-    assert proc.returncode == 0, proc.stderr
-    assert "skipped, data set brain-mri not given (set BRAIN_MRI_ROOT=" in proc.stdout
-    assert todo_lines(proc.stdout) == []
-
 
 def test_cpu_options_mode_shares_the_cpu_runs_and_adds_one_run_per_option(tmp_path):
     mri = tmp_path / "mri"
@@ -306,6 +300,16 @@ def test_data_cpu_modes_need_their_data_root(tmp_path, mode, data, env, flag):
     assert proc.stderr.strip().count("\n") == 0 and env in proc.stderr and flag in proc.stderr, proc.stderr
     proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={env: str(tmp_path / "nowhere")})
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "cpu-options", "cpu-weights", "cpu-resplit"])
+def test_brain_mri_cpu_modes_need_their_data_root(tmp_path, mode):
+    """The brain-MRI CPU modes stop with one line and exit 2 without BRAIN_MRI_ROOT, as the other data sets'
+    modes do (they used to plan nothing, say so on stdout and exit 0)."""
+    proc = run_all(mode, "--dry-run", "--runs", tmp_path / "runs", env_extra={"BRAIN_MRI_ROOT": ""})
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
+    assert proc.stderr.strip().count("\n") == 0 and "BRAIN_MRI_ROOT" in proc.stderr and "--brain-mri-root" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
