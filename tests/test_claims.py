@@ -140,6 +140,8 @@ def test_clean_test_is_preferred_where_the_test_leaks():
     assert C.cell_stat(row) == (S(0.7, 0.02, 3), "clean")
     assert C.cell_stat(dict(row, ours_clean_n="0", ours_clean_mean="")) == (S(0.9, 0.01, 3), "full")
     assert C.cell_stat(dict(row, ours_n="0", ours_clean_n="0")) is None
+    same = dict(row, ours_clean_mean="0.9", ours_clean_std="0.01")  # a test without copies: clean = full
+    assert C.cell_stat(same) == (S(0.9, 0.01, 3), "full = clean")
 
 
 def test_nothing_finished_is_pending(tmp_path, monkeypatch):
