@@ -134,6 +134,15 @@ def test_every_claim_finds_its_cells_in_the_tables(planted_root, monkeypatch):
     assert claims["6"].detail.count("| Table 11 |") == 4  # sigmoid and softmax, each on both arms
 
 
+def test_constant_cells_are_marked_not_rejudged():
+    """Both methods at one constant score over seeds: the rule as written (se 0: not reproduced when the paper's
+    gap is positive), marked for the reader."""
+    a = S(1 / 7, 0.0, 3)
+    assert C.constant(a, S(1 / 7, 0.0, 3)) and not C.constant(a, S(1 / 7, 0.001, 3))
+    assert not C.constant(a, S(0.2, 0.0, 3))
+    assert C.compare(a, S(1 / 7, 0.0, 3), 0.005).verdict == C.NOT_REPRODUCED
+
+
 def test_clean_test_is_preferred_where_the_test_leaks():
     row = {"ours_mean": "0.9", "ours_std": "0.01", "ours_n": "3", "ours_clean_mean": "0.7", "ours_clean_std": "0.02",
            "ours_clean_n": "3"}
