@@ -2,7 +2,8 @@
 cpu-pbc200, and the claim modes of results/claims.md: claim3-batch, claim3-batch-mri, claim4-epochs,
 claim5-small-data, claim6-ablations): each one's default
 backbones, batch, epochs, seeds and the flags every run of the mode gets; and the names tables give
-to backbones, methods and label fractions. What each mode runs is in study/cells.py."""
+to backbones, methods and label fractions. What each mode runs is in study/cells.py (the claim modes':
+study/claim_cells.py)."""
 
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ class Profile:
     beside: str = ""  # a second metric shown beside the headline in its fine-tuning table
     paper_table: str = ""  # paper_results.MAIN table shown as the nearest paper column ("": none)
     title: str = ""  # the data set as the tables name it
-    claim: str = ""  # a mode of the claims ledger (results/claims.md): which study.CLAIM_STUDIES it runs
+    claim: str = ""  # a mode of the claims ledger (results/claims.md): which of study/claim_cells.py's CLAIM_STUDIES it runs
 
     def ft_epochs(self, arch: str, frac: float):
         """Fine-tuning --epochs for `arch` at label fraction `frac` (None: the script's default)."""
