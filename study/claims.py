@@ -374,23 +374,29 @@ def claim4() -> Claim:
                               ["50 epochs", "100 epochs"], True)], ROBUST_TOL, "50 / 100 pretraining epochs")
 
 
+def against_paper_gap(rows: list, a: str, b: str, col: str):
+    """Row a beats row b in column col, with delta the paper's own gap between the two rows' paper columns:
+    (Verdict, Stat a, Stat b, which test), or None until both have finished runs."""
+    a_row, b_row = find(rows, a, col), find(rows, b, col)
+    sa, sb = cell_stat(a_row), cell_stat(b_row)
+    if not sa or not sb:
+        return None
+    v = compare(sa[0], sb[0], _float(a_row["paper_mean"]) - _float(b_row["paper_mean"]))
+    return v, sa[0], sb[0], sa[1]
+
+
 def claim5() -> Claim:
     """CASS against DINO and against supervised training on the 200-image subset, each arm, 100% labels;
     delta: the paper's own gap in Table 1's 100% column."""
     rows, parts, lines = read_rows(CLAIM5_PBC), [], []
     for arm, arch in ARMS:
-        cass_row = find(rows, f"CASS ({arch})", "100%")
-        cass = cell_stat(cass_row)
         for other in ("DINO", "Supervised"):
-            o_row = find(rows, f"{other} ({arch})", "100%")
-            o = cell_stat(o_row)
-            if not cass or not o:
-                continue
-            delta = _float(cass_row["paper_mean"]) - _float(o_row["paper_mean"])
-            v = compare(cass[0], o[0], delta)
-            parts.append(v)
-            lines.append(f"| {arch} | CASS vs {other} | {cass[1]} | {fmt_stat(cass[0])} | {fmt_stat(o[0])} | "
-                         f"{v.d:+.3f} | {fmt(2 * v.se)} | {delta:+.3f} | {v.verdict} |")
+            found = against_paper_gap(rows, f"CASS ({arch})", f"{other} ({arch})", "100%")
+            if found:
+                v, cass, o, which = found
+                parts.append(v)
+                lines.append(f"| {arch} | CASS vs {other} | {which} | {fmt_stat(cass)} | {fmt_stat(o)} | "
+                             f"{v.d:+.3f} | {fmt(2 * v.se)} | {v.delta:+.3f} | {v.verdict} |")
     c = Claim("5")
     if not parts:
         return c
@@ -422,15 +428,12 @@ def claim6() -> Claim:
         parts = []
         for variant in variants:
             for col in cols:
-                b_row, v_row = find(rows, best, col), find(rows, variant, col)
-                b, v = cell_stat(b_row), cell_stat(v_row)
-                if not b or not v:
-                    continue
-                delta = _float(b_row["paper_mean"]) - _float(v_row["paper_mean"])
-                res = compare(b[0], v[0], delta)
-                parts.append(res)
-                lines.append(f"| {table.replace('table', 'Table ')} | {best} vs {variant} | {col} | {fmt_stat(b[0])} | "
-                             f"{fmt_stat(v[0])} | {res.d:+.3f} | {fmt(2 * res.se)} | {delta:+.3f} | {res.verdict} |")
+                found = against_paper_gap(rows, best, variant, col)
+                if found:
+                    res, b, v, _ = found
+                    parts.append(res)
+                    lines.append(f"| {table.replace('table', 'Table ')} | {best} vs {variant} | {col} | {fmt_stat(b)} | "
+                                 f"{fmt_stat(v)} | {res.d:+.3f} | {fmt(2 * res.se)} | {res.delta:+.3f} | {res.verdict} |")
         if parts:
             total = combine(parts)
             verdicts.append((table, total))
