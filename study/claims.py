@@ -49,7 +49,6 @@ CLAIM4_PBC = "results/claims/claim4-epochs/claim4_epochs.csv"
 CLAIM5_PBC = "results/claims/claim5-small-data/claim5_small_data.csv"
 CLAIM6_DIR = "results/claims/claim6-ablations"
 ARMS = (("cnn", "ResNet-18"), ("vit", "ViT-Ti/16"))
-ARCH = {"cnn": "resnet18", "vit": "vit_tiny_patch16_224"}
 
 
 # ---------------------------------------------------------------- the rule
@@ -183,10 +182,6 @@ def fmt_stat(s: Stat) -> str:
 
 def fmt_verdict(v: Verdict) -> str:
     return f"d = {v.d:+.3f}, 2·se = {fmt(2 * v.se)}, Δ = {v.delta:.3f}: **{v.verdict}**"
-
-
-def _cell_label(arch: str) -> str:
-    return dict(ARMS)[arch] if arch in dict(ARMS) else arch
 
 
 # ---------------------------------------------------------------- the claims
