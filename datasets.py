@@ -148,52 +148,67 @@ def default_split_file(table: ImageTable, seed: int, resplit: bool = False) -> P
     return Path("runs") / "splits" / f"{table.name}-{table.fingerprint()}-seed{seed}{'-resplit' if resplit else ''}.json"
 
 
-def train_subset(table: ImageTable, train_rows: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A stratified subset of `n` of the training rows: each stratum (class, or label combination)
-    gets its share by largest remainder, at least one image, drawn at random from `seed`."""
-    if n > len(train_rows):
-        raise UserError(f"--train-size {n} is larger than the training split ({len(train_rows)} images)")
-    strata = _strata(table, train_rows)
+def stratified_subset(table: ImageTable, rows: np.ndarray, n: int, seed: int, part: str = "train") -> np.ndarray:
+    """A stratified subset of `n` of the split part's `rows`: each stratum (class, or label combination)
+    gets its share by largest remainder, at least one image, drawn at random from `seed`. `part`
+    ('train' or 'val') names the flag (--train-size / --val-size) in errors."""
+    flag, name = SUBSET_FLAGS[part]
+    if n > len(rows):
+        raise UserError(f"{flag} {n} is larger than the {name} split ({len(rows)} images)")
+    strata = _strata(table, rows)
     kinds, counts = np.unique(strata, return_counts=True)
     if n < len(kinds):
-        raise UserError(f"--train-size {n} is smaller than the number of classes in the training split "
+        raise UserError(f"{flag} {n} is smaller than the number of classes in the {name} split "
                         f"({len(kinds)}): the subset needs an image of each")
     take = np.ones(len(kinds), dtype=np.int64)
     take += largest_remainder((n - len(kinds)) * (counts - 1) / max(counts.sum() - len(kinds), 1), n - len(kinds))
     rng = np.random.default_rng(seed)
-    picked = [rng.permutation(train_rows[strata == s])[:k] for s, k in zip(kinds, np.minimum(take, counts))]
+    picked = [rng.permutation(rows[strata == s])[:k] for s, k in zip(kinds, np.minimum(take, counts))]
     return np.sort(np.concatenate(picked))
 
 
+SUBSET_FLAGS = {"train": ("--train-size", "training"), "val": ("--val-size", "validation")}
+
+
 def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None,
-              resplit: bool = False) -> dict:
-    """The saved split (made first if needed, see _full_split); with `train_size`, its training part replaced by a stratified subset of
-    that many images, drawn once and saved beside the split file as <split>-train<N>.json (validation and
-    test stay whole). `resplit`: ignore the curator's split and split all images ourselves (its own
-    default file, <...>-resplit.json)."""
+              resplit: bool = False, val_size: int = None) -> dict:
+    """The saved split (made first if needed, see _full_split); with `train_size`, its training part replaced by a
+    stratified subset of that many images, drawn once and saved beside the split file as <split>-train<N>.json;
+    with `val_size`, its validation part likewise (<split>-val<N>.json). The test part always stays whole.
+    `resplit`: ignore the curator's split and split all images ourselves (its own default file,
+    <...>-resplit.json)."""
     if resplit and not table.curator_split:
         raise UserError(f"--resplit: --data {table.name} has no curator's split to set aside (our splits already "
                         "keep copies together)")
     path = Path(split_file) if split_file else default_split_file(table, seed, resplit)
     split = _full_split(table, path, seed, resplit)
-    if train_size is None:
-        return split
-    sub = path.with_name(f"{path.stem}-train{train_size}.json")
+    for part, n in (("train", train_size), ("val", val_size)):
+        if n is not None:
+            split = {**split, part: _saved_subset(table, split, path, part, n, seed)}
+    return split
+
+
+def _saved_subset(table: ImageTable, split: dict, path: Path, part: str, n: int, seed: int) -> np.ndarray:
+    """Rows of the stratified subset of `n` images of split[part], read from <split>-<part><n>.json, drawn
+    and saved there (under a lock, atomically) the first time."""
+    sub = path.with_name(f"{path.stem}-{part}{n}.json")
     if not sub.exists():
         with file_lock(sub):
             if not sub.exists():
-                rows = train_subset(table, split["train"], train_size, seed)
-                atomic_write_json(sub, {"data": table.name, "split_file": str(path), "train_size": train_size,
+                rows = stratified_subset(table, split[part], n, seed, part)
+                atomic_write_json(sub, {"data": table.name, "split_file": str(path), f"{part}_size": n,
                                         "split_seed": seed, "fingerprint": table.fingerprint(),
-                                        "train": [table.ids[r] for r in rows]})
-                return {**split, "train": rows}
+                                        part: [table.ids[r] for r in rows]})
+                return rows
     try:
-        rows = _rows_of(table, json.loads(sub.read_text())["train"])
+        rows = _rows_of(table, json.loads(sub.read_text())[part])
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{sub} is not a training-subset file (JSON with a train id list): delete it to draw a new one")
-    if not np.isin(rows, split["train"]).all():
-        raise UserError(f"{sub} lists images outside the training split of {path}: delete it to draw a new one")
-    return {**split, "train": rows}
+        raise UserError(f"{sub} is not a {SUBSET_FLAGS[part][1]}-subset file (JSON with a {part} id list): delete it "
+                        "to draw a new one")
+    if not np.isin(rows, split[part]).all():
+        raise UserError(f"{sub} lists images outside the {SUBSET_FLAGS[part][1]} split of {path}: delete it to draw a "
+                        "new one")
+    return rows
 
 
 def _rows_of(table: ImageTable, ids) -> np.ndarray:
@@ -273,7 +288,7 @@ def load_data(args, cache_size=None, cache_part=None):
     loader meets it."""
     table = load_table(args.data, args.data_root, args.cache_dir, getattr(args, "group_col", None))
     split = get_split(table, args.split_file, args.split_seed, getattr(args, "train_size", None),
-                      getattr(args, "resplit", False))
+                      getattr(args, "resplit", False), getattr(args, "val_size", None))
     skip = bool(getattr(args, "skip_bad_images", False))
     bad = []
     if table.array is None:

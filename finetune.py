@@ -89,6 +89,11 @@ def get_args(argv=None):
                    help="stop after this many epochs in a row without a lower validation loss (paper: 5; "
                         "the authors' code stopped after 6); 0 trains all --epochs. The weights of the "
                         "epoch with the lowest validation loss are restored for the test either way")
+    g.add_argument("--val-size", type=int, default=None,
+                   help="score a stratified subset of N validation images after each epoch, drawn once (from "
+                        "--split-seed) and saved beside the split file (<split>-val<N>.json), instead of the "
+                        "whole validation split: with few training images, scoring a large validation split is "
+                        "most of an epoch's cost. The test split stays whole")
     g.add_argument("--class-weights", choices=("minmax", "inverse", "none"), default="minmax",
                    help="per-class weights of the focal loss, from the labelled training counts. minmax "
                         "(default, the paper's 'minimum-maximum normalized class distribution' as the "

@@ -7,9 +7,9 @@
 #   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc                   # on PBC (about 2 h, estimated)
 #   PBC_ROOT=/data/pbc bash run_all.sh cpu-pbc200                # on a 200-image PBC training subset (about 2 h)
 #   PBC_ROOT=/data/pbc bash run_all.sh claim5-small-data         # the claims ledger (results/claims.md): claims
-#   PBC_ROOT=/data/pbc bash run_all.sh claim3-batch              #   3-6 on the 200-image PBC subset, sharing
-#   PBC_ROOT=/data/pbc bash run_all.sh claim4-epochs             #   runs/claims-pbc200 (about 1.5-2.2 h each after
-#   PBC_ROOT=/data/pbc bash run_all.sh claim6-ablations          #   claim5, estimated; docs/run_all.md)
+#   PBC_ROOT=/data/pbc bash run_all.sh claim3-batch              #   3-6 on the 200-image PBC subset; claims 3, 4
+#   PBC_ROOT=/data/pbc bash run_all.sh claim4-epochs             #   and 6 share runs/claims-pbc200-val500 (times:
+#   PBC_ROOT=/data/pbc bash run_all.sh claim6-ablations          #   docs/run_all.md, "The claim modes")
 #   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh claim3-batch-mri  # claim 3 on brain MRI as Table 6 (~1.4 h)
 #   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
 #   bash run_all.sh paper table1 table6 fig2  # only these

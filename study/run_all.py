@@ -178,8 +178,8 @@ def get_args(argv=None):
                         "cpu-pbc200: the same study on HAM10000 (HAM10000_ROOT), PBC and a 200-image PBC training "
                         "subset (PBC_ROOT), each about 2 hours (estimated); claim3-batch, claim4-epochs, "
                         "claim5-small-data, claim6-ablations: the paper's claims 3-6 (batch size, pretraining epochs, "
-                        "198 images, ablations) on the 200-image PBC subset (PBC_ROOT; one shared runs folder, "
-                        "runs/claims-pbc200), fine-tuned to convergence, 3 seeds; claim3-batch-mri: claim 3 on brain "
+                        "198 images, ablations) on the 200-image PBC subset (PBC_ROOT; claims 3, 4 and 6 share "
+                        "runs/claims-pbc200-val500), fine-tuned to convergence, 3 seeds; claim3-batch-mri: claim 3 on brain "
                         "MRI as Table 6 (BRAIN_MRI_ROOT); results/claims.md and docs/run_all.md; paper: the paper")
     p.add_argument("tables", nargs="*",
                    help="paper mode: tables/figures to run (table1 ... table21, fig2, fig7 ... fig10; fig3, fig5 "

@@ -323,6 +323,38 @@ def test_train_size_reaches_finetune_and_its_label_fraction(tmp_path, monkeypatc
     assert labelled["n_train"] == 20 and labelled["n_labelled"] == 10
 
 
+def test_val_size_draws_a_stratified_validation_subset_once(tmp_path):
+    table = table_of(planted_folder(tmp_path / "data", n_per_class=40, copies_of=()))
+    full = D.get_split(table, tmp_path / "split.json", 77)
+    assert table.class_counts(full["val"]).tolist() == [4, 4]
+    sub = D.get_split(table, tmp_path / "split.json", 77, val_size=4)
+    assert len(sub["val"]) == 4 and np.isin(sub["val"], full["val"]).all()
+    assert table.class_counts(sub["val"]).tolist() == [2, 2]
+    assert all(np.array_equal(sub[k], full[k]) for k in ("train", "test"))
+    assert json.loads((tmp_path / "split-val4.json").read_text())["val_size"] == 4
+    assert np.array_equal(D.get_split(table, tmp_path / "split.json", 77, val_size=4)["val"], sub["val"])
+    both = D.get_split(table, tmp_path / "split.json", 77, train_size=20, val_size=4)  # independent files
+    assert np.array_equal(both["val"], sub["val"]) and len(both["train"]) == 20
+    assert np.array_equal(both["test"], full["test"])
+    with pytest.raises(D.UserError, match="--val-size 9 is larger than the validation split"):
+        D.get_split(table, tmp_path / "split.json", 77, val_size=9)
+    with pytest.raises(D.UserError, match="--val-size 1 is smaller than the number of classes in the validation"):
+        D.get_split(table, tmp_path / "split.json", 77, val_size=1)
+    (tmp_path / "split-val3.json").write_text('{"val": ["no such image"]}')
+    with pytest.raises(D.UserError, match="split-val3.json is not a validation-subset file"):
+        D.get_split(table, tmp_path / "split.json", 77, val_size=3)
+
+
+def test_val_size_reaches_finetune(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    data = planted_folder(tmp_path / "data", n_per_class=40, copies_of=())
+    FT.main(["--data", "folder", "--data-root", str(data), "--arch", "test_resnet", "--init", "random", "--img-size",
+             "32", "--bs", "8", "--workers", "0", "--val-size", "4", "--epochs", "1", "--out", "ft"])
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["n_val"] == 4 and metrics["n_test"] == 16
+
+
 def test_resplit_pools_the_curators_parts_and_keeps_copies_together(tmp_path):
     brain_mri_with_leaks(tmp_path / "mri")
     table = D.load_table("brain-mri", tmp_path / "mri")

@@ -410,12 +410,15 @@ def claim_plan(tmp_path, mode, env="PBC_ROOT"):
             [ln for ln in todo if "pretrain_dino.py" in ln])
 
 
-def assert_claim_pbc_protocol(root, todo, ft, dino):
+def assert_claim_pbc_protocol(root, todo, ft, dino, val_subset=True):
     """Every command on the 200-image subset; fine-tuning to convergence (up to 50 epochs, patience 5) with 100% of the
     labels, 3 seeds, no probes; DINO with the official 10 warm-up epochs (the script's default)."""
     assert all(f"--data pbc --data-root {root} " in ln for ln in todo)
     assert all(ln.split().count("--train-size") == 1 and "--train-size 200" in ln for ln in todo)
     assert ft and all(ln.endswith("--epochs 50 --patience 5") and ln.split().count("--epochs") == 1 for ln in ft)
+    # claim 5 validates on the whole validation split; claims 3, 4 and 6 on a fixed 500-image subset (a budget cut)
+    assert all(ln.split().count("--val-size") == val_subset and ("--val-size 500 " in ln) == val_subset for ln in ft)
+    assert not any("--val-size" in ln for ln in todo if "finetune.py" not in ln)
     assert all("--label-frac 1 " in ln and "--eval" not in ln for ln in ft)
     assert all("--seed 0 " in ln for ln in todo if "pretrain_" in ln)  # one pretraining run per setting
     for s in (0, 1, 2):
@@ -468,7 +471,7 @@ def test_claim4_epochs_mode_compares_50_and_100_epochs(tmp_path):
 
 def test_claim5_small_data_mode_compares_every_method_on_200_images(tmp_path):
     root, todo, ft, cass, dino = claim_plan(tmp_path, "claim5-small-data")
-    assert_claim_pbc_protocol(root, todo, ft, dino)
+    assert_claim_pbc_protocol(root, todo, ft, dino, val_subset=False)
     assert len(cass) == 2 and len(dino) == 2 and len(ft) == 4 * 2 * 3  # DINO, CASS, CASS --predictor, supervised
     assert sum("--init random" in ln for ln in ft) == 2 * 3
     td = S.study(P.PROFILES["claim5-small-data"])["claim5_small_data"]
@@ -503,8 +506,13 @@ def test_claim6_ablations_mode_maps_each_table_to_its_flag(tmp_path):
 
 def test_claim_pbc_modes_share_one_runs_folder_and_the_base_setting(tmp_path):
     profs = [P.PROFILES[m] for m in CLAIM_PBC_MODES]
-    assert {p.runs for p in profs} == {Path("runs/claims-pbc200")} and len({p.results for p in profs}) == 4
+    # claims 3, 4 and 6 validate on a 500-image subset, so they share their own folder, not claim 5's
+    assert {p.name: str(p.runs) for p in profs} == {
+        "claim3-batch": "runs/claims-pbc200-val500", "claim4-epochs": "runs/claims-pbc200-val500",
+        "claim5-small-data": "runs/claims-pbc200", "claim6-ablations": "runs/claims-pbc200-val500"}
+    assert len({p.results for p in profs}) == 4
     assert all(p.runs not in (P.CPU_PBC200.runs, P.CPU_PBC.runs) for p in profs)
+    assert all(("--val-size" in p.ft_args) == (p.name != "claim5-small-data") for p in profs)
     base = S.default_cass(profs[0], "pbc").key()
     for p in profs:
         keys = {c.ft.source.key() for td in S.study(p).values() for c in td.cells if c.ft.source is not None}
