@@ -312,15 +312,17 @@ def test_train_size_draws_a_stratified_subset_once(tmp_path):
         D.get_split(table, tmp_path / "split.json", 77, train_size=1)
 
 
-def test_train_size_reaches_finetune_and_its_label_fraction(tmp_path, monkeypatch):
+def test_train_size_and_val_size_reach_finetune(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     data = planted_folder(tmp_path / "data", n_per_class=40, copies_of=())
     FT.main(["--data", "folder", "--data-root", str(data), "--arch", "test_resnet", "--init", "random", "--img-size",
-             "32", "--bs", "8", "--workers", "0", "--train-size", "20", "--label-frac", "0.5", "--epochs", "1",
-             "--out", "ft"])
+             "32", "--bs", "8", "--workers", "0", "--train-size", "20", "--label-frac", "0.5", "--val-size", "4",
+             "--epochs", "1", "--out", "ft"])
     labelled = json.loads((tmp_path / "ft" / "labelled_ids.json").read_text())
     assert labelled["n_train"] == 20 and labelled["n_labelled"] == 10
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["n_val"] == 4 and metrics["n_test"] == 16  # the test stays whole
 
 
 def test_val_size_draws_a_stratified_validation_subset_once(tmp_path):
@@ -343,16 +345,6 @@ def test_val_size_draws_a_stratified_validation_subset_once(tmp_path):
     (tmp_path / "split-val3.json").write_text('{"val": ["no such image"]}')
     with pytest.raises(D.UserError, match="split-val3.json is not a validation-subset file"):
         D.get_split(table, tmp_path / "split.json", 77, val_size=3)
-
-
-def test_val_size_reaches_finetune(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    data = planted_folder(tmp_path / "data", n_per_class=40, copies_of=())
-    FT.main(["--data", "folder", "--data-root", str(data), "--arch", "test_resnet", "--init", "random", "--img-size",
-             "32", "--bs", "8", "--workers", "0", "--val-size", "4", "--epochs", "1", "--out", "ft"])
-    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert metrics["n_val"] == 4 and metrics["n_test"] == 16
 
 
 def test_resplit_pools_the_curators_parts_and_keeps_copies_together(tmp_path):
