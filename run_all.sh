@@ -10,7 +10,7 @@
 #   PBC_ROOT=/data/pbc bash run_all.sh claim3-batch              #   3-6 on the 200-image PBC subset; claims 3, 4
 #   PBC_ROOT=/data/pbc bash run_all.sh claim4-epochs             #   and 6 share runs/claims-pbc200-val500 (times:
 #   PBC_ROOT=/data/pbc bash run_all.sh claim6-ablations          #   docs/run_all.md, "The claim modes")
-#   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh claim3-batch-mri  # claim 3 on brain MRI as Table 6 (~1 h)
+#   BRAIN_MRI_ROOT=/data/brain-mri bash run_all.sh claim3-batch-mri  # claim 3 on brain MRI as Table 6 (47 min)
 #   bash run_all.sh paper                     # the paper's tables and figures on the real data (GPU)
 #   bash run_all.sh paper table1 table6 fig2  # only these
 #   bash run_all.sh paper --dry-run           # list the plan, run nothing (or DRY_RUN=1 bash run_all.sh ...)
