@@ -148,6 +148,9 @@ def default_split_file(table: ImageTable, seed: int, resplit: bool = False) -> P
     return Path("runs") / "splits" / f"{table.name}-{table.fingerprint()}-seed{seed}{'-resplit' if resplit else ''}.json"
 
 
+SUBSET_FLAGS = {"train": ("--train-size", "training"), "val": ("--val-size", "validation")}
+
+
 def stratified_subset(table: ImageTable, rows: np.ndarray, n: int, seed: int, part: str = "train") -> np.ndarray:
     """A stratified subset of `n` of the split part's `rows`: each stratum (class, or label combination)
     gets its share by largest remainder, at least one image, drawn at random from `seed`. `part`
@@ -165,9 +168,6 @@ def stratified_subset(table: ImageTable, rows: np.ndarray, n: int, seed: int, pa
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(rows[strata == s])[:k] for s, k in zip(kinds, np.minimum(take, counts))]
     return np.sort(np.concatenate(picked))
-
-
-SUBSET_FLAGS = {"train": ("--train-size", "training"), "val": ("--val-size", "validation")}
 
 
 def get_split(table: ImageTable, split_file=None, seed: int = 77, train_size: int = None,
@@ -200,14 +200,13 @@ def _saved_subset(table: ImageTable, split: dict, path: Path, part: str, n: int,
                                         "split_seed": seed, "fingerprint": table.fingerprint(),
                                         part: [table.ids[r] for r in rows]})
                 return rows
+    name = SUBSET_FLAGS[part][1]
     try:
         rows = _rows_of(table, json.loads(sub.read_text())[part])
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{sub} is not a {SUBSET_FLAGS[part][1]}-subset file (JSON with a {part} id list): delete it "
-                        "to draw a new one")
+        raise UserError(f"{sub} is not a {name}-subset file (JSON with a {part} id list): delete it to draw a new one")
     if not np.isin(rows, split[part]).all():
-        raise UserError(f"{sub} lists images outside the {SUBSET_FLAGS[part][1]} split of {path}: delete it to draw a "
-                        "new one")
+        raise UserError(f"{sub} lists images outside the {name} split of {path}: delete it to draw a new one")
     return rows
 
 
