@@ -236,9 +236,9 @@ CPU_RESPLIT = replace(
 #   sigmoid and softmax; Table 18: a CNN-CNN pair), fine-tuned on the arm the claim is about (Tables 9-10: the
 #   Transformer; Table 11: both; Table 18: the CNN, which both pairs share); DenseNet-121 as the second CNN
 #   (the paper's DenseNet-161 costs about 3 times as much).
-# With the validation subset below, the five claim modes come to about 6.3 h on a 2-core CPU (claim6-ablations
-# estimated from the others' rates, the rest measured: docs/run_all.md, "The claim modes", which also lists the
-# next cut and what it saves).
+# With the validation subset below, the five claim modes took about 5.8 h on a 2-core CPU, measured with
+# claim4-epochs and claim6-ablations run after claim3-batch in its runs folder (docs/run_all.md, "The claim
+# modes", which also gives their times alone and lists the next cuts and what each saves).
 CLAIM_BASE_EPOCHS, CLAIM_EPOCHS = 50, (50, 100)
 CLAIM_BATCH_SIZES = (8, 16, 32)
 _TO_CONVERGENCE = ("--epochs", "50", "--patience", "5")  # finetune.py's defaults, the paper's, written out
